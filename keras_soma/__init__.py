@@ -1,0 +1,20 @@
+"""keras_soma: memory-efficient Keras 3 optimizers.
+
+```python
+import keras_soma
+model.compile(optimizer=keras_soma.Soma(), loss=..., metrics=[...])
+```
+
+* `Soma`: the sign of momentum, half of Adam's state (4 bytes/parameter).
+* `GradSign`: an int8 moving average of the gradient's sign (1 byte).
+
+Importing the package registers every class with Keras's serialization, so
+`.keras` files that use them load without `custom_objects`.
+"""
+
+from keras_soma.gradsign import GradSign
+from keras_soma.soma import Soma
+
+__version__ = "0.1.0"
+
+__all__ = ["GradSign", "Soma"]

@@ -1,0 +1,269 @@
+"""Private base class: what every keras_soma optimizer shares.
+
+* state ("slots") created beside its variable, so that tf.distribute places
+  it with the variable and the Keras distribution API gives it the
+  variable's layout (or, for per-axis state, the layout of that axis);
+* `get_slots(variable)`, the state of one variable by slot name, the names
+  the numpy reference in `keras_soma._reference` uses;
+* one update path: each optimizer writes its math once as a pure function
+  of tensors (`keras.ops` only) and the base class reads the state, calls
+  it, and writes the results back, fused into one XLA kernel per variable
+  on TensorFlow where Keras would otherwise run it op by op;
+* `skip_nonfinite`: a step whose gradients hold NaN or Inf leaves the
+  variables and the state untouched and is counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import keras
+from keras import ops
+
+from keras_soma import _common
+from keras_soma import _fused
+from keras_soma import _sparse
+
+
+class KerasSomaOptimizer(keras.optimizers.Optimizer):
+    """Base class of the keras_soma optimizers (not public API)."""
+
+    # Maps slot name -> attribute holding the per-variable list of state
+    # variables (index-aligned with the trainable variables).
+    _slot_attributes: Dict[str, str] = {}
+
+    def __init__(
+        self,
+        learning_rate,
+        name: str,
+        skip_nonfinite: bool = False,
+        fused: Optional[bool] = None,
+        **kwargs,
+    ):
+        _common.check_learning_rate(learning_rate)
+        if not isinstance(skip_nonfinite, bool):
+            raise ValueError(
+                "Argument `skip_nonfinite` must be a bool (True or False); "
+                f"received: skip_nonfinite={skip_nonfinite!r}"
+            )
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(
+                "Argument `fused` must be None, True or False; "
+                f"received: fused={fused!r}"
+            )
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.skip_nonfinite = skip_nonfinite
+        self.fused = fused
+
+    # ------------------------------------------------------------------
+    # State
+    # ------------------------------------------------------------------
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        if self.skip_nonfinite:
+            self._skipped_steps = self.add_variable(
+                shape=(), dtype="int64", name="skipped_steps"
+            )
+
+    def add_slot(
+        self,
+        variable,
+        slot: str,
+        dtype: Optional[str] = None,
+        shape: Optional[Sequence[int]] = None,
+        layout: Any = "follow",
+        initializer="zeros",
+    ):
+        """Creates one state tensor for `variable`.
+
+        With the variable's own shape and dtype this is exactly
+        `add_variable_from_reference`. Otherwise (another dtype, or a
+        per-axis shape) the tensor is created colocated with the variable
+        under tf.distribute, and with `layout` ("follow" copies the
+        variable's layout; pass a layout, or None, for per-axis state).
+        """
+        dtype = dtype or variable.dtype
+        shape = tuple(variable.shape) if shape is None else tuple(shape)
+        if (
+            keras.backend.standardize_dtype(dtype)
+            == keras.backend.standardize_dtype(variable.dtype)
+            and shape == tuple(variable.shape)
+            and layout == "follow"
+        ):
+            return self.add_variable_from_reference(
+                variable, name=slot, initializer=initializer
+            )
+        if layout == "follow":
+            layout = _common.variable_layout(variable)
+        with _colocated_with(variable):
+            return self.add_variable(
+                shape=shape,
+                initializer=initializer,
+                dtype=dtype,
+                layout=layout,
+                name=_common.state_name(variable, slot),
+            )
+
+    def get_slots(self, variable) -> Dict[str, Any]:
+        """The optimizer state of one trainable variable, by slot name.
+
+        Args:
+            variable: A variable this optimizer was built with.
+
+        Returns:
+            A dict mapping slot names (the names used by
+            `keras_soma._reference`) to Keras variables; slots a variable
+            does not have (e.g. SM3's momentum at `momentum=0`) are absent.
+        """
+        if not self.built:
+            raise ValueError(
+                f"Optimizer {self.name!r} has no state yet: call "
+                "`optimizer.build(model.trainable_variables)` or train first."
+            )
+        index = self._get_variable_index(variable)
+        slots = {}
+        for slot, attribute in self._slot_attributes.items():
+            values = getattr(self, attribute, None)
+            if values is None:
+                continue
+            value = values[index]
+            if isinstance(value, (list, tuple)):
+                for axis, item in enumerate(value):
+                    slots[f"{slot}_{axis}"] = item
+            elif value is not None:
+                slots[slot] = value
+        return slots
+
+    @property
+    def skipped_steps(self):
+        """How many steps `skip_nonfinite=True` has skipped (an int64
+        variable), or None when the option is off."""
+        return getattr(self, "_skipped_steps", None)
+
+    # ------------------------------------------------------------------
+    # Update
+    # ------------------------------------------------------------------
+
+    def apply(self, grads, trainable_variables=None):
+        if not self.skip_nonfinite:
+            return super().apply(grads, trainable_variables)
+        if not self.built:
+            variables = (
+                trainable_variables
+                if trainable_variables is not None
+                else self._trainable_variables
+            )
+            with keras.name_scope(self.name, caller=self):
+                self.build(variables)
+        finite = _common.all_finite(
+            _sparse.values_of(gradient) for gradient in grads
+        )
+        self._step_is_finite = finite
+        try:
+            super().apply(grads, trainable_variables)
+        finally:
+            self._step_is_finite = None
+        self.assign_add(
+            self._skipped_steps,
+            ops.cast(ops.logical_not(finite), "int64"),
+        )
+
+    def _finite_flag(self):
+        return getattr(self, "_step_is_finite", None)
+
+    def update_with(
+        self,
+        step_fn: Callable,
+        variable,
+        gradient,
+        slots: Sequence[Any],
+        learning_rate,
+        hyperparameters: Sequence[Any] = (),
+    ) -> None:
+        """Runs `step_fn` on the variable and its state and writes back.
+
+        `step_fn(value, gradient, *slot_values, learning_rate,
+        *hyperparameters)` returns `(new_value, *new_slot_values)`.
+        Gradients given as tf.IndexedSlices are made dense first (the
+        optimizers with a row path handle them before calling this).
+        """
+        gradient = _sparse.densify(gradient)
+        learning_rate = ops.cast(learning_rate, variable.dtype)
+        finite = self._finite_flag()
+        targets = [variable, *slots]
+        weight_decay = self._weight_decay_for(variable)
+
+        def compute(values, gradient, learning_rate):
+            value = values[0]
+            if weight_decay is not None:
+                # Decoupled decay, as Keras applies it before the update,
+                # but inside the same kernel.
+                value = ops.subtract(
+                    value,
+                    ops.multiply(ops.multiply(value, weight_decay), learning_rate),
+                )
+            results = step_fn(
+                value, gradient, *values[1:], learning_rate, *hyperparameters
+            )
+            if finite is not None:
+                results = [
+                    ops.where(finite, new, old)
+                    for new, old in zip(results, values)
+                ]
+            return [
+                ops.cast(result, target.dtype)
+                for result, target in zip(results, targets)
+            ]
+
+        if self._use_fused_kernel():
+            _fused.update(targets, compute, gradient, learning_rate)
+            return
+        values = [ops.convert_to_tensor(target) for target in targets]
+        for target, result in zip(targets, compute(values, gradient, learning_rate)):
+            self.assign(target, result)
+
+    def _weight_decay_for(self, variable):
+        if self.weight_decay is None or not self._use_weight_decay(variable):
+            return None
+        return ops.cast(self.weight_decay, variable.dtype)
+
+    def _apply_weight_decay(self, variables):
+        # Keras applies decoupled weight decay as a separate pass over every
+        # variable before `update_step`; keras_soma folds it into the
+        # variable's update (`update_with`), which saves that pass and lets
+        # `skip_nonfinite` leave a skipped step's weights untouched.
+        return
+
+    def _use_fused_kernel(self) -> bool:
+        if self.fused is False:
+            return False
+        return _fused.available()
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {"skip_nonfinite": self.skip_nonfinite, "fused": self.fused}
+        )
+        return config
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _colocated_with(variable):
+    """Under tf.distribute, a context that places new variables with
+    `variable` (what Keras does in add_variable_from_reference)."""
+    if keras.backend.backend() != "tensorflow":
+        return _NullContext()
+    import tensorflow as tf
+
+    native = variable.value if isinstance(variable, keras.Variable) else variable
+    return tf.distribute.get_strategy().extended.colocate_vars_with(native)

@@ -1,0 +1,30 @@
+"""Shared test setup: quiet TensorFlow, the backend in use, and a clean
+Keras state (dtype policy, random seed) around every test."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_report_header(config):
+    return f"keras {keras.__version__}, backend: {keras.backend.backend()}"
+
+
+@pytest.fixture(autouse=True)
+def clean_keras_state():
+    keras.mixed_precision.set_dtype_policy("float32")
+    keras.utils.set_random_seed(1234)
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+    keras.backend.clear_session()
+
+
+requires_tensorflow = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="TensorFlow backend only"
+)
+requires_jax = pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="JAX backend only"
+)

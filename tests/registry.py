@@ -1,0 +1,112 @@
+"""The registry of every exported keras_soma optimizer.
+
+Adding an optimizer to the library means adding one `OptimizerSpec` here;
+the contract suite (`test_contract.py`) and the reference tests
+(`test_reference.py`) are parameterized over `REGISTRY`, and
+`test_registry_lists_every_export` fails if an export is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Tuple
+
+import keras_soma
+from keras_soma import _reference
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """What the shared tests need to know about one optimizer."""
+
+    cls: type
+    # Pure-numpy reference: init(variable, **hyper) and
+    # step(variable, gradient, state, learning_rate, weight_decay, **hyper).
+    reference_init: Callable
+    reference_step: Callable
+    # Constructor arguments (besides learning_rate) to check against the
+    # reference; the first is the defaults.
+    reference_cases: List[Dict[str, Any]]
+    # A learning rate at which fit() on the small test problem makes
+    # progress within a few epochs.
+    fit_learning_rate: float
+    # Optimizer state bytes per parameter on the fashion-MNIST MLP
+    # (scalars aside), by constructor arguments.
+    bytes_per_parameter: List[Tuple[Dict[str, Any], float]]
+    # (constructor arguments, name of the argument the ValueError names).
+    bad_arguments: List[Tuple[Dict[str, Any], str]]
+    # Non-default constructor arguments for config round trips.
+    config_case: Dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.cls.__name__
+
+
+COMMON_BAD_ARGUMENTS = [
+    ({"learning_rate": 0.0}, "learning_rate"),
+    ({"learning_rate": -1e-3}, "learning_rate"),
+    ({"learning_rate": float("nan")}, "learning_rate"),
+    ({"learning_rate": "fast"}, "learning_rate"),
+    ({"skip_nonfinite": "yes"}, "skip_nonfinite"),
+    ({"fused": 1}, "fused"),
+]
+
+REGISTRY: Dict[str, OptimizerSpec] = {}
+
+
+def register(spec: OptimizerSpec) -> None:
+    REGISTRY[spec.name] = spec
+
+
+register(
+    OptimizerSpec(
+        cls=keras_soma.Soma,
+        reference_init=_reference.soma_init,
+        reference_step=_reference.soma_step,
+        reference_cases=[
+            {},
+            {"momentum": 0.5},
+            {"momentum": 0.0},
+            {"momentum_dtype": "bfloat16"},
+            {"momentum": 0.9, "momentum_dtype": "float16"},
+        ],
+        fit_learning_rate=1e-2,
+        bytes_per_parameter=[({}, 4.0), ({"momentum_dtype": "bfloat16"}, 2.0)],
+        bad_arguments=COMMON_BAD_ARGUMENTS
+        + [
+            ({"momentum": 1.0}, "momentum"),
+            ({"momentum": -0.1}, "momentum"),
+            ({"momentum": float("nan")}, "momentum"),
+            ({"momentum": "high"}, "momentum"),
+            ({"momentum_dtype": "int8"}, "momentum_dtype"),
+            ({"momentum_dtype": "float64x"}, "momentum_dtype"),
+        ],
+        config_case={"learning_rate": 3e-3, "momentum": 0.8, "momentum_dtype": "bfloat16"},
+    )
+)
+
+register(
+    OptimizerSpec(
+        cls=keras_soma.GradSign,
+        reference_init=_reference.gradsign_init,
+        reference_step=_reference.gradsign_step,
+        reference_cases=[{}],
+        fit_learning_rate=1e-2,
+        bytes_per_parameter=[({}, 1.0)],
+        bad_arguments=COMMON_BAD_ARGUMENTS,
+        config_case={"learning_rate": 3e-3, "skip_nonfinite": True},
+    )
+)
+
+
+def exported_optimizers() -> List[type]:
+    """Every optimizer class in `keras_soma.__all__`."""
+    import keras
+
+    exported = [getattr(keras_soma, name) for name in keras_soma.__all__]
+    return [
+        item
+        for item in exported
+        if isinstance(item, type) and issubclass(item, keras.optimizers.Optimizer)
+    ]
