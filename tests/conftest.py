@@ -8,6 +8,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
+# Two logical CPU devices for the tf.distribute tests. They must be set up
+# before TensorFlow initializes its devices, so it happens at import; one
+# device stays the default everywhere else.
+LOGICAL_CPUS = 2
+if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf
+
+    _cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * LOGICAL_CPUS
+    )
+
 
 def pytest_report_header(config):
     return f"keras {keras.__version__}, backend: {keras.backend.backend()}"
