@@ -44,17 +44,19 @@ def make_stepper(optimizer, variables, mode: str) -> Callable:
                 [keras.ops.convert_to_tensor(g) for g in gradients], variables
             )
         return step
+    traces = []  # a Python side effect runs once per trace
     if backend == "tensorflow":
         import tensorflow as tf
 
         @tf.function
         def compiled(gradients):
+            traces.append(1)
             optimizer.apply(gradients, variables)
 
         def step(gradients):
             compiled([tf.convert_to_tensor(g) for g in gradients])
 
-        step.compiled = compiled
+        step.trace_count = lambda: len(traces)
         return step
     if backend == "jax":
         import jax
@@ -63,6 +65,7 @@ def make_stepper(optimizer, variables, mode: str) -> Callable:
 
         @jax.jit
         def compiled(optimizer_values, variable_values, gradients):
+            traces.append(1)
             return optimizer.stateless_apply(
                 optimizer_values, gradients, variable_values
             )
@@ -78,7 +81,7 @@ def make_stepper(optimizer, variables, mode: str) -> Callable:
             for target, value in zip(optimizer.variables, new_optimizer):
                 target.assign(value)
 
-        step.compiled = compiled
+        step.trace_count = lambda: len(traces)
         return step
     raise ValueError(f"mode {mode!r} is not available on backend {backend!r}")
 

@@ -1,0 +1,63 @@
+"""Optimizer state memory: bytes per parameter, keras_soma against Keras.
+
+Builds each optimizer on the soma paper's fashion-MNIST MLP and CNN and
+prints the bytes its `optimizer.variables` hold per trainable parameter
+(scalars such as the iteration counter aside). No training; runs in
+seconds.
+
+    python benchmarks/state_memory.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+
+import fashion_mnist_common as common  # noqa: E402
+import keras_soma  # noqa: E402
+from keras_soma.memory import state_bytes_per_parameter  # noqa: E402
+
+CONFIGURATIONS = [
+    ("Soma", lambda: keras_soma.Soma()),
+    ("Soma (momentum_dtype=bfloat16)", lambda: keras_soma.Soma(momentum_dtype="bfloat16")),
+    ("GradSign", lambda: keras_soma.GradSign()),
+]
+if hasattr(keras_soma, "SM3"):
+    CONFIGURATIONS += [
+        ("SM3 (momentum=0)", lambda: keras_soma.SM3(momentum=0.0)),
+        ("SM3 (momentum=0.9)", lambda: keras_soma.SM3()),
+    ]
+CONFIGURATIONS += [
+    ("Keras Adam", keras.optimizers.Adam),
+    ("Keras Lion", keras.optimizers.Lion),
+    ("Keras Adagrad", keras.optimizers.Adagrad),
+    ("Keras SGD (momentum=0.9)", lambda: keras.optimizers.SGD(momentum=0.9)),
+    ("Keras SGD", keras.optimizers.SGD),
+]
+
+
+def main():
+    models = {"MLP": common.build_mlp(), "CNN": common.build_cnn()}
+    header = "| optimizer | " + " | ".join(
+        f"{name} bytes / param ({models[name].count_params():,} params)" for name in models
+    ) + " |"
+    print(header)
+    print("|---" * (len(models) + 1) + "|")
+    for label, factory in CONFIGURATIONS:
+        cells = []
+        for model in models.values():
+            optimizer = factory()
+            optimizer.build(model.trainable_variables)
+            cells.append(f"{state_bytes_per_parameter(optimizer, model.trainable_variables):.3f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print(f"\nKeras {keras.__version__}, {keras.backend.backend()} backend.")
+
+
+if __name__ == "__main__":
+    main()

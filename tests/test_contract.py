@@ -1,0 +1,354 @@
+"""The contract every exported keras_soma optimizer owes, one table for all.
+
+Parameterized over `registry.REGISTRY`; adding an optimizer means adding a
+row there, and `test_registry_lists_every_export` fails until it is added.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_soma
+from helpers import make_stepper, random_gradient, to_numpy
+from keras_soma.memory import state_bytes_per_parameter
+from registry import REGISTRY, exported_optimizers
+
+SPECS = [pytest.param(spec, id=name) for name, spec in REGISTRY.items()]
+
+
+def test_registry_lists_every_export():
+    exported = {cls.__name__ for cls in exported_optimizers()}
+    assert exported, "keras_soma exports no optimizer"
+    missing = exported - set(REGISTRY)
+    assert not missing, f"exported but not in tests/registry.py: {sorted(missing)}"
+    assert set(REGISTRY) <= exported, "registry lists a class that is not exported"
+
+
+# ---------------------------------------------------------------------------
+# Construction and configuration
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_bad_arguments_raise_value_error_naming_argument(spec):
+    for kwargs, argument in spec.bad_arguments:
+        with pytest.raises(ValueError) as raised:
+            spec.cls(**kwargs)
+        message = str(raised.value)
+        assert f"`{argument}`" in message, (kwargs, message)
+        assert "received" in message, (kwargs, message)
+        received = kwargs[argument]
+        assert repr(received) in message or str(received) in message, (
+            kwargs,
+            message,
+        )
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_config_round_trip(spec):
+    optimizer = spec.cls(**spec.config_case)
+    config = optimizer.get_config()
+    for key, value in spec.config_case.items():
+        assert config[key] == pytest.approx(value), key
+    restored = spec.cls.from_config(config)
+    assert restored.get_config() == config
+    # JSON round trip through Keras's own serialization.
+    serialized = json.loads(json.dumps(keras.optimizers.serialize(optimizer)))
+    deserialized = keras.optimizers.deserialize(serialized)
+    assert type(deserialized) is spec.cls
+    assert deserialized.get_config() == config
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_get_by_registered_name(spec):
+    registered = keras.saving.get_registered_name(spec.cls)
+    assert registered == f"keras_soma>{spec.name}"
+    optimizer = keras.optimizers.get(registered)
+    assert type(optimizer) is spec.cls
+    assert optimizer.get_config() == spec.cls().get_config()
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_schedule_config_round_trip(spec):
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.01, 10, 0.5)
+    optimizer = spec.cls(learning_rate=schedule)
+    config = json.loads(json.dumps(keras.optimizers.serialize(optimizer)))
+    restored = keras.optimizers.deserialize(config)
+    assert restored.get_config() == optimizer.get_config()
+    assert restored.get_config()["learning_rate"]["config"] == schedule.get_config()
+
+
+# ---------------------------------------------------------------------------
+# Training with fit
+# ---------------------------------------------------------------------------
+
+
+def regression_problem(seed=0, samples=256, features=8):
+    rng = np.random.default_rng(seed)
+    inputs = rng.standard_normal((samples, features)).astype("float32")
+    true_weights = rng.standard_normal((features, 1)).astype("float32")
+    targets = inputs @ true_weights + 0.1
+    return inputs, targets.astype("float32")
+
+
+def small_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="tanh", name="hidden"),
+            keras.layers.Dense(1, name="output"),
+        ]
+    )
+
+
+def compiled_model(optimizer, jit_compile="auto", seed=0):
+    model = small_model(seed)
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
+    return model
+
+
+def weights_of(model):
+    return [to_numpy(weight) for weight in model.weights]
+
+
+def optimizer_values(optimizer):
+    return [to_numpy(variable) for variable in optimizer.variables]
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+@pytest.mark.parametrize("spec", SPECS)
+def test_fit_lowers_loss(spec, jit_compile):
+    inputs, targets = regression_problem()
+    model = compiled_model(spec.cls(learning_rate=spec.fit_learning_rate), jit_compile)
+    initial = model.evaluate(inputs, targets, verbose=0)
+    history = model.fit(inputs, targets, epochs=8, batch_size=32, verbose=0)
+    final = model.evaluate(inputs, targets, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert final < 0.5 * initial, (initial, final)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_save_load_continue_equals_uninterrupted(spec, tmp_path):
+    inputs, targets = regression_problem()
+    fit_kwargs = dict(batch_size=32, shuffle=False, verbose=0)
+
+    uninterrupted = compiled_model(spec.cls(learning_rate=spec.fit_learning_rate))
+    uninterrupted.fit(inputs, targets, epochs=4, **fit_kwargs)
+
+    interrupted = compiled_model(spec.cls(learning_rate=spec.fit_learning_rate))
+    interrupted.fit(inputs, targets, epochs=2, **fit_kwargs)
+    path = os.path.join(tmp_path, "model.keras")
+    interrupted.save(path)
+    del interrupted
+    keras.backend.clear_session()
+    restored = keras.saving.load_model(path)  # no custom_objects needed
+    assert type(restored.optimizer) is spec.cls
+    restored.fit(inputs, targets, epochs=2, **fit_kwargs)
+
+    for expected, actual in zip(weights_of(uninterrupted), weights_of(restored)):
+        np.testing.assert_array_equal(actual, expected)
+    expected_state = optimizer_values(uninterrupted.optimizer)
+    actual_state = optimizer_values(restored.optimizer)
+    assert len(expected_state) == len(actual_state)
+    for expected, actual in zip(expected_state, actual_state):
+        np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_learning_rate_schedule_is_followed(spec):
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        spec.fit_learning_rate, decay_steps=4, decay_rate=0.5
+    )
+    optimizer = spec.cls(learning_rate=schedule)
+    inputs, targets = regression_problem()
+    model = compiled_model(optimizer)
+    model.fit(inputs, targets, epochs=1, batch_size=32, verbose=0)
+    steps = int(to_numpy(optimizer.iterations))
+    assert steps == 8
+    np.testing.assert_allclose(
+        float(to_numpy(optimizer.learning_rate)),
+        float(to_numpy(schedule(steps))),
+        rtol=1e-6,
+    )
+
+
+def two_steps(spec, gradients, variable_value, **kwargs):
+    variable = keras.Variable(variable_value, name="weights")
+    optimizer = spec.cls(learning_rate=0.01, **kwargs)
+    optimizer.build([variable])
+    step = make_stepper(optimizer, [variable], "eager")
+    for gradient in gradients:
+        step([gradient])
+    return variable, optimizer
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_gradient_accumulation_equals_mean_gradient(spec):
+    rng = np.random.default_rng(3)
+    start = rng.standard_normal((5, 4)).astype("float32")
+    first, second = (random_gradient(rng, (5, 4)) for _ in range(2))
+
+    accumulated, accumulating = two_steps(
+        spec, [first, second], start, gradient_accumulation_steps=2
+    )
+    direct, direct_optimizer = two_steps(spec, [(first + second) / 2], start)
+    assert not np.array_equal(to_numpy(accumulated), start), "no update happened"
+    np.testing.assert_allclose(to_numpy(accumulated), to_numpy(direct), rtol=1e-6)
+    for name, slot in direct_optimizer.get_slots(direct).items():
+        np.testing.assert_allclose(
+            to_numpy(accumulating.get_slots(accumulated)[name]),
+            to_numpy(slot),
+            rtol=1e-6,
+            atol=1e-7,
+        )
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_exclude_from_weight_decay(spec):
+    keras.utils.set_random_seed(0)
+    layer = keras.layers.Dense(3, bias_initializer="ones", name="dense")
+    layer.build((None, 4))
+    optimizer = spec.cls(learning_rate=0.1, weight_decay=0.5)
+    optimizer.exclude_from_weight_decay(var_names=["bias"])
+    kernel_before = to_numpy(layer.kernel)
+    zeros = [np.zeros(layer.kernel.shape, "float32"), np.zeros((3,), "float32")]
+    optimizer.apply(zeros, [layer.kernel, layer.bias])
+    # A zero gradient moves nothing on its own (sign(0) = 0 / no update),
+    # so the only change is decay: theta * (1 - lr * wd) on the kernel.
+    np.testing.assert_allclose(
+        to_numpy(layer.kernel), kernel_before * (1 - 0.1 * 0.5), rtol=1e-6
+    )
+    np.testing.assert_array_equal(to_numpy(layer.bias), np.ones(3, "float32"))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_clipping_options_are_applied(spec):
+    rng = np.random.default_rng(5)
+    start = rng.standard_normal((4, 4)).astype("float32")
+    gradient = random_gradient(rng, (4, 4), scale=10.0)
+    for kwargs in ({"clipvalue": 0.5}, {"clipnorm": 1.0}, {"global_clipnorm": 1.0}):
+        clipped, _ = two_steps(spec, [gradient], start, **kwargs)
+        if "clipvalue" in kwargs:
+            manual = np.clip(gradient, -0.5, 0.5)
+        else:
+            manual = gradient * (1.0 / np.linalg.norm(gradient))
+        expected, _ = two_steps(spec, [manual.astype("float32")], start)
+        np.testing.assert_allclose(
+            to_numpy(clipped), to_numpy(expected), rtol=1e-5, err_msg=str(kwargs)
+        )
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_use_ema_keeps_average_and_loss_scale_factor(spec):
+    inputs, targets = regression_problem()
+    optimizer = spec.cls(
+        learning_rate=spec.fit_learning_rate, use_ema=True, ema_momentum=0.9
+    )
+    model = compiled_model(optimizer)
+    model.fit(inputs, targets, epochs=1, batch_size=32, verbose=0)
+    plain = spec.cls(learning_rate=spec.fit_learning_rate)
+    plain.build(model.trainable_variables)
+    # One more copy of the weights: the moving average.
+    assert len(optimizer.variables) == len(plain.variables) + len(
+        model.trainable_variables
+    )
+    # fit() ends by writing the averages into the model (Keras's
+    # finalize_variable_values), so its weights differ from a run without
+    # EMA and are finite.
+    without_ema = compiled_model(spec.cls(learning_rate=spec.fit_learning_rate))
+    without_ema.fit(inputs, targets, epochs=1, batch_size=32, verbose=0)
+    averaged = weights_of(model)
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(weights_of(without_ema), averaged)
+    )
+    assert all(np.isfinite(a).all() for a in averaged)
+    # loss_scale_factor scales the loss and unscales the gradients: the
+    # same update as without it.
+    rng = np.random.default_rng(9)
+    start = rng.standard_normal((3, 3)).astype("float32")
+    gradient = random_gradient(rng, (3, 3))
+    scaled, _ = two_steps(spec, [gradient * 128.0], start, loss_scale_factor=128.0)
+    plain, _ = two_steps(spec, [gradient], start)
+    np.testing.assert_allclose(to_numpy(scaled), to_numpy(plain), rtol=1e-6)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_mixed_float16_under_loss_scale_optimizer(spec):
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    inputs, targets = regression_problem()
+    model = small_model()
+    model.compile(
+        optimizer=spec.cls(learning_rate=spec.fit_learning_rate), loss="mse"
+    )
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    initial = model.evaluate(inputs, targets, verbose=0)
+    model.fit(inputs, targets, epochs=8, batch_size=32, verbose=0)
+    final = model.evaluate(inputs, targets, verbose=0)
+    assert np.isfinite(final) and final < 0.5 * initial, (initial, final)
+    for weight in model.trainable_variables:
+        assert keras.backend.standardize_dtype(weight.dtype) == "float32"
+    inner = model.optimizer.inner_optimizer
+    assert type(inner) is spec.cls
+    for weight in model.trainable_variables:
+        for slot in inner.get_slots(weight).values():
+            assert np.isfinite(to_numpy(slot).astype("float64")).all()
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_compiled_step_traces_once_and_keeps_dtypes(spec):
+    variable = keras.Variable(np.ones((4, 3), "float32"))
+    optimizer = spec.cls(learning_rate=0.01)
+    optimizer.build([variable])
+    dtypes_before = [v.dtype for v in optimizer.variables]
+    shapes_before = [tuple(v.shape) for v in optimizer.variables]
+    step = make_stepper(optimizer, [variable], "compiled")
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        step([random_gradient(rng, (4, 3))])
+    assert step.trace_count() == 1
+    assert [v.dtype for v in optimizer.variables] == dtypes_before
+    assert [tuple(v.shape) for v in optimizer.variables] == shapes_before
+    assert keras.backend.standardize_dtype(variable.dtype) == "float32"
+
+
+# ---------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------
+
+
+def fashion_mnist_mlp():
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def measured_bytes_per_parameter(optimizer):
+    model = fashion_mnist_mlp()
+    optimizer.build(model.trainable_variables)
+    return state_bytes_per_parameter(optimizer, model.trainable_variables)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_state_bytes_per_parameter(spec):
+    for kwargs, expected in spec.bytes_per_parameter:
+        measured = measured_bytes_per_parameter(spec.cls(**kwargs))
+        assert measured == pytest.approx(expected, abs=0.005), kwargs
+
+
+def test_keras_adam_is_the_eight_byte_yardstick():
+    assert measured_bytes_per_parameter(keras.optimizers.Adam()) == 8.0
+    assert measured_bytes_per_parameter(
+        keras_soma.Soma()
+    ) == 0.5 * measured_bytes_per_parameter(keras.optimizers.Adam())

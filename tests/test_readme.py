@@ -1,0 +1,34 @@
+"""The README's two commands stay true: CI runs the same test command, and
+the example command names a script that exists."""
+
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(path):
+    with open(os.path.join(ROOT, path)) as handle:
+        return handle.read()
+
+
+def readme_commands():
+    blocks = re.findall(r"```bash\n(.*?)```", read("README.md"), flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_readme_test_command_is_what_ci_runs():
+    commands = [c for c in readme_commands() if "pytest" in c]
+    assert len(commands) == 1, commands
+    pytest_part = commands[0].split('pip install ".[test]" && ', 1)[1]
+    assert "KERAS_BACKEND=tensorflow" in pytest_part and "KERAS_BACKEND=jax" in pytest_part
+    ci_lines = [line.strip() for line in read(".ci/run").splitlines()]
+    assert pytest_part in ci_lines
+
+
+def test_readme_example_command_names_an_existing_script():
+    commands = [c for c in readme_commands() if "examples/" in c]
+    assert commands
+    for command in commands:
+        for script in re.findall(r"examples/\S+\.py", command):
+            assert os.path.exists(os.path.join(ROOT, script)), script
