@@ -1,0 +1,299 @@
+"""Optimizer step speed: keras_soma against Keras's own optimizers.
+
+What it measures: the time of one `optimizer.apply` over 16M float32
+parameters in four 2048 x 2048 matrices (and over the soma paper's CNN
+variables, where per-variable overhead dominates), in the configuration
+users run: on TensorFlow a `tf.function` with XLA off (what `fit` does with
+its default `jit_compile="auto"` on CPU, under tf.distribute and with op
+determinism) and, for comparison, with XLA on; on JAX a `jax.jit` step.
+
+An element-wise step is memory-bound. Its floor is the time of a copy
+moving the same bytes, measured in the same run by an XLA kernel that
+reads the variable, the gradient and every state tensor and writes the
+variable and the state back. Each row gives ms per step, parameters per
+second, bytes moved per parameter, and the ratio to the floor and to Keras
+Lion (beta_1 = beta_2, Soma's update), Adam, Adagrad and SGD measured in the
+same run. The targets of the performance issue are checked at the end.
+
+Run time: about 2-4 minutes on a 2-core CPU.
+
+    python benchmarks/step_speed.py
+    KERAS_BACKEND=jax python benchmarks/step_speed.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_soma  # noqa: E402
+from keras_soma._reference import numpy_dtype  # noqa: E402
+
+BACKEND = keras.backend.backend()
+LARGE_SHAPES = [(2048, 2048)] * 4
+# The soma paper's fashion-MNIST CNN: eight variables, 1.2M parameters.
+CNN_SHAPES = [(3, 3, 1, 32), (32,), (3, 3, 32, 64), (64,), (9216, 128), (128,), (128, 10), (10,)]
+
+
+def optimizer_cases():
+    cases = [
+        ("Soma", lambda: keras_soma.Soma()),
+        ("Soma bf16 state", lambda: keras_soma.Soma(momentum_dtype="bfloat16")),
+        ("GradSign", lambda: keras_soma.GradSign()),
+    ]
+    if hasattr(keras_soma, "SM3"):
+        cases += [
+            ("SM3 momentum=0", lambda: keras_soma.SM3(momentum=0.0)),
+            ("SM3 momentum=0.9", lambda: keras_soma.SM3(momentum=0.9)),
+        ]
+    cases += [
+        ("Keras Lion", lambda: keras.optimizers.Lion(2e-4, beta_1=0.95, beta_2=0.95)),
+        ("Keras Adam", lambda: keras.optimizers.Adam()),
+        ("Keras Adagrad", lambda: keras.optimizers.Adagrad()),
+        ("Keras SGD", lambda: keras.optimizers.SGD()),
+    ]
+    return cases
+
+
+def nbytes(tensor) -> int:
+    dtype = numpy_dtype(keras.backend.standardize_dtype(tensor.dtype))
+    return int(np.prod(tensor.shape, dtype=np.int64)) * dtype.itemsize
+
+
+def time_call(function, steps: int, repeats: int) -> float:
+    """Median milliseconds per call over `repeats` blocks of `steps` calls."""
+    function()
+    function()  # compiled and warm
+    blocks = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            result = function()
+        block_until_ready(result)
+        blocks.append((time.perf_counter() - start) / steps * 1000.0)
+    return statistics.median(blocks)
+
+
+def block_until_ready(result):
+    if BACKEND == "jax" and result is not None:
+        import jax
+
+        jax.block_until_ready(result)
+
+
+def make_problem(shapes, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    variables = [
+        keras.Variable(rng.standard_normal(shape).astype(np.float32).astype(numpy_dtype(dtype)), dtype=dtype)
+        for shape in shapes
+    ]
+    gradients = [
+        keras.ops.convert_to_tensor(rng.standard_normal(shape).astype(np.float32), dtype=dtype)
+        for shape in shapes
+    ]
+    return variables, gradients
+
+
+# --------------------------------------------------------------------------
+# Steps and floors, per backend
+# --------------------------------------------------------------------------
+
+
+def tensorflow_step(optimizer, variables, gradients, xla: bool):
+    import tensorflow as tf
+
+    @tf.function(jit_compile=xla)
+    def step():
+        optimizer.apply(gradients, variables)
+
+    return step
+
+
+def tensorflow_floor(state, variables, gradients):
+    """Reads variable, gradient and state; writes variable and state."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True)
+    def copy():
+        for variable, gradient in zip(variables, gradients):
+            variable.assign(variable + gradient)
+        for tensor in state:
+            tensor.assign(tensor + tf.ones((), tensor.dtype))
+
+    return copy
+
+
+def jax_step(optimizer, variables, gradients):
+    import jax
+
+    def apply(optimizer_values, variable_values):
+        return optimizer.stateless_apply(optimizer_values, gradients, variable_values)
+
+    apply = jax.jit(apply, donate_argnums=(0, 1))
+    values = {
+        "optimizer": [v.value for v in optimizer.variables],
+        "variables": [v.value for v in variables],
+    }
+
+    def step():
+        values["variables"], values["optimizer"] = apply(values["optimizer"], values["variables"])
+        return values["variables"]
+
+    return step
+
+
+def jax_floor(state, variables, gradients):
+    import jax
+    import jax.numpy as jnp
+
+    def copy(variable_values, state_values):
+        return (
+            [v + g for v, g in zip(variable_values, gradients)],
+            [s + jnp.ones((), s.dtype) for s in state_values],
+        )
+
+    copy = jax.jit(copy, donate_argnums=(0, 1))
+    values = {"variables": [jnp.array(v.value) for v in variables], "state": [jnp.array(s.value) for s in state]}
+
+    def step():
+        values["variables"], values["state"] = copy(values["variables"], values["state"])
+        return values["variables"]
+
+    return step
+
+
+def measure(label, factory, shapes, dtype, xla, steps, repeats):
+    variables, gradients = make_problem(shapes, dtype)
+    optimizer = factory()
+    optimizer.build(variables)
+    state = [v for v in optimizer.variables if len(v.shape) > 0]
+    parameters = sum(int(np.prod(shape)) for shape in shapes)
+    moved = (
+        2 * sum(nbytes(v) for v in variables)
+        + sum(nbytes(g) for g in gradients)
+        + 2 * sum(nbytes(s) for s in state)
+    )
+    if BACKEND == "tensorflow":
+        step = tensorflow_step(optimizer, variables, gradients, xla)
+        floor = tensorflow_floor(state, *make_problem(shapes, dtype, seed=1))
+    else:
+        step = jax_step(optimizer, variables, gradients)
+        floor = jax_floor(state, *make_problem(shapes, dtype, seed=1))
+    milliseconds = time_call(step, steps, repeats)
+    floor_milliseconds = time_call(floor, steps, repeats)
+    return {
+        "optimizer": label,
+        "backend": BACKEND,
+        "dtype": dtype,
+        "xla": "on" if (xla or BACKEND == "jax") else "off",
+        "ms": milliseconds,
+        "params_per_second": parameters / (milliseconds / 1000.0),
+        "bytes_per_param": moved / parameters,
+        "floor_ms": floor_milliseconds,
+    }
+
+
+def format_rows(rows, baselines):
+    header = (
+        "| optimizer | backend | dtype | XLA | ms / step | Mparams / s | bytes / param moved "
+        "| x floor | " + " | ".join(f"x {name}" for name in baselines) + " |"
+    )
+    lines = [header, "|" + "---|" * (8 + len(baselines))]
+    for row in rows:
+        key = (row["dtype"], row["xla"])
+        ratios = []
+        for name in baselines:
+            base = next(
+                (r for r in rows if r["optimizer"] == name and (r["dtype"], r["xla"]) == key), None
+            )
+            ratios.append(f"{row['ms'] / base['ms']:.2f}" if base else "-")
+        lines.append(
+            f"| {row['optimizer']} | {row['backend']} | {row['dtype']} | {row['xla']} | "
+            f"{row['ms']:.2f} | {row['params_per_second'] / 1e6:.0f} | {row['bytes_per_param']:.1f} | "
+            f"{row['ms'] / row['floor_ms']:.2f} | " + " | ".join(ratios) + " |"
+        )
+    return "\n".join(lines)
+
+
+def check_targets(rows):
+    """The performance issue's targets, on the float32 rows with XLA as
+    users get it by default (off on TensorFlow, on with JAX)."""
+    default_xla = "off" if BACKEND == "tensorflow" else "on"
+    by_name = {
+        row["optimizer"]: row for row in rows if row["dtype"] == "float32" and row["xla"] == default_xla
+    }
+    checks = []
+
+    def ratio(name, other):
+        return by_name[name]["ms"] / by_name[other]["ms"]
+
+    def floor_ratio(name):
+        return by_name[name]["ms"] / by_name[name]["floor_ms"]
+
+    if BACKEND == "tensorflow":
+        checks.append(("Soma <= 0.4 x Keras Lion", ratio("Soma", "Keras Lion"), 0.4))
+        checks.append(("Soma <= 1.25 x its floor", floor_ratio("Soma"), 1.25))
+        checks.append(("GradSign <= 0.7 x Soma", ratio("GradSign", "Soma"), 0.7))
+        if "SM3 momentum=0" in by_name:
+            checks.append(("SM3 momentum=0 <= 0.7 x Keras Adagrad", ratio("SM3 momentum=0", "Keras Adagrad"), 0.7))
+            checks.append(("SM3 momentum=0.9 <= 1.0 x Keras Adagrad", ratio("SM3 momentum=0.9", "Keras Adagrad"), 1.0))
+    else:
+        for name in by_name:
+            if not name.startswith("Keras"):
+                checks.append((f"{name} <= 1.25 x its floor (JAX)", floor_ratio(name), 1.25))
+    lines = []
+    for text, value, bound in checks:
+        lines.append(f"{'PASS' if value <= bound else 'FAIL'}  {text}: measured {value:.2f}")
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=5, help="timed blocks (median taken)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--skip-small", action="store_true", help="skip the CNN-variables case")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be >= 1")
+
+    xla_modes = [False, True] if BACKEND == "tensorflow" else [True]
+    baselines = ["Keras Lion", "Keras Adam", "Keras Adagrad", "Keras SGD"]
+    import platform
+
+    print(
+        f"Keras {keras.__version__}, {BACKEND} backend, {platform.machine()}, "
+        f"{os.cpu_count()} CPU cores; median of {args.repeats} x {args.steps} steps.\n"
+    )
+    problems = [("16.8M parameters in four 2048 x 2048 matrices", LARGE_SHAPES, args.dtypes)]
+    if not args.skip_small:
+        problems.append(("the CNN's 8 variables (1.2M parameters)", CNN_SHAPES, ["float32"]))
+    all_rows = []
+    for title, shapes, dtypes in problems:
+        rows = []
+        for dtype in dtypes:
+            for xla in xla_modes:
+                for label, factory in optimizer_cases():
+                    row = measure(label, factory, shapes, dtype, xla, args.steps, args.repeats)
+                    print(
+                        f"  {label:18s} {dtype:8s} XLA {row['xla']:3s} {row['ms']:8.2f} ms "
+                        f"(floor {row['floor_ms']:.2f} ms)",
+                        flush=True,
+                    )
+                    rows.append(row)
+        print(f"\n### {title}\n\n{format_rows(rows, baselines)}\n", flush=True)
+        all_rows.append(rows)
+    print("Targets (16.8M float32 parameters, default XLA setting):")
+    for line in check_targets(all_rows[0]):
+        print("  " + line)
+
+
+if __name__ == "__main__":
+    main()
