@@ -24,7 +24,9 @@ def gradsign_update(value, gradient, counter, learning_rate):
     with weight 8, and the variable moves by `learning_rate * c / 64`.
     """
     count = ops.cast(counter, "int32")
-    count = ops.subtract(count, ops.floor_divide(ops.add(count, 4), 8))
+    # floor((c + 4) / 8) as an arithmetic shift: the same for negative c in
+    # two's complement, and much cheaper than an integer division.
+    count = ops.subtract(count, ops.right_shift(ops.add(count, 4), 3))
     count = ops.add(count, ops.multiply(_common.nan_safe_sign(gradient, "int32"), 8))
     averaged_sign = ops.divide(ops.cast(count, value.dtype), COUNTER_SCALE)
     return ops.subtract(value, ops.multiply(learning_rate, averaged_sign)), count
