@@ -1,0 +1,110 @@
+"""A small deterministic training run, used by the fault-tolerance tests
+both in-process and as a subprocess that gets killed.
+
+    python tests/training_run.py OPTIMIZER BACKUP_DIR OUTPUT.npz [--crash-at-step N]
+
+Trains a tiny model for `EPOCHS` epochs on fixed data with
+`keras.callbacks.BackupAndRestore(save_freq="epoch")`, printing
+"step <n>" after every batch, and saves the final weights and optimizer
+state to OUTPUT.npz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from registry import REGISTRY  # noqa: E402
+
+EPOCHS = 3
+BATCH_SIZE = 16
+SAMPLES = 128  # 8 steps per epoch
+
+
+class CrashAt(keras.callbacks.Callback):
+    """Raises after the given global step, as a crash would."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+        self.seen = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.step:
+            raise RuntimeError(f"injected crash after step {self.step}")
+
+
+class PrintSteps(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        print(f"step {self.seen}", flush=True)
+
+
+def data():
+    rng = np.random.default_rng(0)
+    inputs = rng.standard_normal((SAMPLES, 8)).astype("float32")
+    targets = (inputs @ rng.standard_normal((8, 1)) + 0.1).astype("float32")
+    return inputs, targets
+
+
+def build(optimizer_name: str) -> keras.Model:
+    spec = REGISTRY[optimizer_name]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer=spec.cls(learning_rate=spec.fit_learning_rate), loss="mse")
+    return model
+
+
+def train(optimizer_name: str, backup_dir=None, extra_callbacks=(), model=None):
+    """Trains (resuming from `backup_dir` if it holds a backup)."""
+    model = model or build(optimizer_name)
+    callbacks = list(extra_callbacks)
+    if backup_dir is not None:
+        callbacks.insert(0, keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch"))
+    inputs, targets = data()
+    model.fit(
+        inputs, targets, epochs=EPOCHS, batch_size=BATCH_SIZE, shuffle=False,
+        callbacks=callbacks, verbose=0,
+    )
+    return model
+
+
+def final_state(model) -> dict:
+    arrays = {f"weight_{i}": keras.ops.convert_to_numpy(w) for i, w in enumerate(model.weights)}
+    for i, variable in enumerate(model.optimizer.variables):
+        arrays[f"optimizer_{i}"] = keras.ops.convert_to_numpy(variable)
+    return arrays
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("optimizer")
+    parser.add_argument("backup_dir")
+    parser.add_argument("output")
+    parser.add_argument("--crash-at-step", type=int, default=None)
+    args = parser.parse_args()
+    callbacks = [PrintSteps()]
+    if args.crash_at_step:
+        callbacks.append(CrashAt(args.crash_at_step))
+    model = train(args.optimizer, args.backup_dir, callbacks)
+    np.savez(args.output, **final_state(model))
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
