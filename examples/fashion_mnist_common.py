@@ -6,8 +6,12 @@ Not an example by itself; the scripts beside it import it.
 
 from __future__ import annotations
 
+import argparse
 import csv
+import functools
 import os
+import shlex
+import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -57,57 +61,104 @@ def make_optimizer(name: str, learning_rate: Optional[float] = None, **kwargs):
     return OPTIMIZERS[name](**kwargs)
 
 
-def load_fashion_mnist(
-    batch_size: int, seed: int, steps_per_epoch: Optional[int] = None
-):
-    """`(train, test)` tf.data pipelines of fashion-MNIST via tfds.
+# Where tfds keeps prepared datasets when neither `--data-dir` nor
+# TFDS_DATA_DIR says otherwise.
+DEFAULT_DATA_DIR_HELP = "TFDS_DATA_DIR, else ~/tensorflow_datasets"
 
-    Uses the prepared dataset in `TFDS_DATA_DIR` (or tfds' default
-    directory) when it is there and lets tfds download it otherwise.
-    Pixels are scaled to [0, 1]; the training set is reshuffled every
-    epoch with `seed`.
+
+@functools.lru_cache(maxsize=None)
+def _decoded_splits(data_dir: Optional[str], manual_dir: Optional[str]):
+    """The decoded, [0, 1]-scaled train and test splits, cached in memory.
+
+    Cached per process so that a second run (another example called from
+    the same Python process, as the tests do) does not decode the PNGs again.
     """
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
     def load(download: bool):
+        download_and_prepare_kwargs = None
+        if manual_dir is not None:
+            download_and_prepare_kwargs = {
+                "download_config": tfds.download.DownloadConfig(
+                    manual_dir=manual_dir
+                )
+            }
         return tfds.load(
             "fashion_mnist",
             split=["train", "test"],
             as_supervised=True,
+            data_dir=data_dir,
             download=download,
+            download_and_prepare_kwargs=download_and_prepare_kwargs,
         )
 
     try:
         train, test = load(download=False)
-    except Exception:  # not prepared locally: let tfds fetch it
-        print("fashion_mnist not found locally; tfds will download it.")
-        train, test = load(download=True)
+    except Exception:  # not prepared locally: let tfds build it
+        source = f"the files in {manual_dir}" if manual_dir else "the internet"
+        print(f"fashion_mnist is not prepared locally; tfds will build it from {source}.")
+        try:
+            train, test = load(download=True)
+        except Exception as error:
+            raise RuntimeError(
+                "Could not load fashion_mnist with tensorflow-datasets: it is "
+                f"not prepared in {data_dir or DEFAULT_DATA_DIR_HELP} and "
+                f"building it from {source} failed ({error}). Offline, point "
+                "--data-dir (or TFDS_DATA_DIR) at a directory holding "
+                "fashion_mnist/3.0.1, or --manual-dir at a directory holding "
+                "the four official .gz files (see docs/getting-started.md)."
+            ) from error
 
     def normalize(image, label):
         return tf.cast(image, tf.float32) / 255.0, label
 
-    train = (
-        train.map(normalize, num_parallel_calls=tf.data.AUTOTUNE)
-        .cache()
-        .shuffle(TRAIN_EXAMPLES, seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size)
-    )
+    train = train.map(normalize, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    test = test.map(normalize, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    # Fill the caches now with one full pass (a partial pass would throw
+    # them away), so that no optimizer's epoch time includes decoding.
+    train.reduce(0, lambda count, _: count)
+    test.reduce(0, lambda count, _: count)
+    return train, test
+
+
+def load_fashion_mnist(
+    batch_size: int,
+    seed: int,
+    steps_per_epoch: Optional[int] = None,
+    data_dir: Optional[str] = None,
+    manual_dir: Optional[str] = None,
+):
+    """`(train, test)` tf.data pipelines of fashion-MNIST via tfds.
+
+    Uses the prepared dataset in `data_dir` (default: `TFDS_DATA_DIR`, else
+    tfds' default directory) when it is there; otherwise tfds builds it,
+    from the official files in `manual_dir` when given, else downloading
+    them. Pixels are scaled to [0, 1]; the training set is reshuffled every
+    epoch with `seed`.
+
+    Args:
+        batch_size: Training batch size (the test set uses 1024).
+        seed: Seed of the training set's shuffle.
+        steps_per_epoch: If given, each epoch takes only this many training
+            batches (a short run). Defaults to `None`, the whole set.
+        data_dir: tfds data directory. Defaults to `None` (tfds' choice).
+        manual_dir: Directory holding the official fashion-MNIST `.gz`
+            files, used instead of a download. Defaults to `None`.
+
+    Returns:
+        The training and test `tf.data.Dataset`s of `(image, label)`
+        batches.
+    """
+    import tensorflow as tf
+
+    train, test = _decoded_splits(data_dir, manual_dir)
+    train = train.shuffle(TRAIN_EXAMPLES, seed=seed, reshuffle_each_iteration=True)
+    train = train.batch(batch_size)
     if steps_per_epoch is not None:
         train = train.take(steps_per_epoch)
-    test = (
-        test.map(normalize, num_parallel_calls=tf.data.AUTOTUNE)
-        .cache()
-        .batch(1024)
-    )
-    train, test = train.prefetch(tf.data.AUTOTUNE), test.prefetch(tf.data.AUTOTUNE)
-    # Fill the caches now, so that the first optimizer's epoch time does
-    # not include reading and decoding the dataset.
-    for _ in train:
-        pass
-    for _ in test:
-        pass
-    return train, test
+    test = test.batch(1024)
+    return train.prefetch(tf.data.AUTOTUNE), test.prefetch(tf.data.AUTOTUNE)
 
 
 def build_mlp() -> keras.Model:
@@ -188,9 +239,32 @@ def train_and_evaluate(
     seed: int,
     learning_rate: Optional[float] = None,
     verbose: int = 2,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
     **optimizer_kwargs,
 ) -> Dict[str, object]:
-    """Trains one model with one optimizer; returns its curve and figures."""
+    """Trains one model with one optimizer; returns its curve and figures.
+
+    Args:
+        build_model: A function returning a fresh, uncompiled model.
+        optimizer_name: A key of `OPTIMIZERS`.
+        train: The training dataset of `(image, label)` batches.
+        test: The test dataset; validated on after every epoch.
+        epochs: Number of epochs.
+        seed: Seed of the weight initialization.
+        learning_rate: Overrides the optimizer's default learning rate.
+            Defaults to `None`, the optimizer's default.
+        verbose: Keras progress output (`model.fit(verbose=...)`).
+            Defaults to `2`, one line per epoch.
+        callbacks: More callbacks for `fit`. Defaults to none.
+        **optimizer_kwargs: More arguments of the optimizer's constructor.
+
+    Returns:
+        A dict: the optimizer's display name, its learning rate, the final
+        smoothed training loss, the test accuracy, the mean seconds per
+        epoch (training plus the validation pass), the optimizer state
+        bytes per parameter, the per-batch losses and the smoothed curve,
+        and the trained `model`.
+    """
     keras.utils.set_random_seed(seed)
     model = build_model()
     optimizer = make_optimizer(optimizer_name, learning_rate, **optimizer_kwargs)
@@ -200,15 +274,17 @@ def train_and_evaluate(
         metrics=["accuracy"],
     )
     recorder = BatchLossRecorder()
-    model.fit(
+    history = model.fit(
         train,
         epochs=epochs,
         validation_data=test,
-        callbacks=[recorder],
+        callbacks=[recorder, *callbacks],
         shuffle=False,  # the dataset reshuffles itself every epoch
         verbose=verbose,
     )
-    _, test_accuracy = model.evaluate(test, verbose=0)
+    # The last epoch's validation pass ran on the whole test set with the
+    # final weights: it is the test accuracy.
+    test_accuracy = history.history["val_accuracy"][-1]
     smoothed = smooth(recorder.losses)
     return {
         "optimizer": DISPLAY_NAMES.get(optimizer_name, optimizer_name),
@@ -223,7 +299,136 @@ def train_and_evaluate(
         ),
         "losses": recorder.losses,
         "smoothed": smoothed,
+        "model": model,
     }
+
+
+def compare_optimizers(
+    build_model,
+    optimizer_names: Sequence[str],
+    train,
+    test,
+    epochs: int,
+    seed: int,
+    learning_rate: Optional[float] = None,
+) -> List[Dict[str, object]]:
+    """Trains `build_model()` once per optimizer, each at its defaults
+    (or at `learning_rate`), from the same initial weights; returns the
+    rows of `train_and_evaluate`."""
+    rows = []
+    for name in optimizer_names:
+        print(f"\n=== {DISPLAY_NAMES.get(name, name)} ===", flush=True)
+        row = train_and_evaluate(
+            build_model,
+            name,
+            train,
+            test,
+            epochs=epochs,
+            seed=seed,
+            learning_rate=learning_rate,
+        )
+        print(
+            f"{row['optimizer']}: test accuracy {row['test_accuracy']:.4f}, "
+            f"optimizer state {row['state_bytes_per_parameter']:.2f} bytes/param",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    output_dir: str,
+) -> None:
+    """Adds the arguments every example takes, with the given defaults:
+    `--epochs --batch-size --seed --steps-per-epoch --output-dir
+    --data-dir --manual-dir`."""
+    parser.add_argument(
+        "--epochs", type=int, default=epochs, help=f"default: {epochs}"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=batch_size, help=f"default: {batch_size}"
+    )
+    parser.add_argument("--seed", type=int, default=seed, help=f"default: {seed}")
+    parser.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=None,
+        help="train on only this many batches per epoch (a short run); "
+        "default: the whole training set",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=output_dir,
+        help=f"where the PNG, Markdown and CSV go; default: {output_dir}",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"tfds data directory; default: {DEFAULT_DATA_DIR_HELP}",
+    )
+    parser.add_argument(
+        "--manual-dir",
+        default=None,
+        help="directory holding the official fashion-MNIST .gz files, "
+        "used instead of a download when the data is not prepared yet",
+    )
+
+
+def check_common_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """Rejects out-of-range values of the common arguments with a message
+    naming the argument, the valid range and the value received."""
+    for name in ("epochs", "batch_size", "steps_per_epoch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(
+                f"--{name.replace('_', '-')} must be an integer >= 1; "
+                f"received {value}"
+            )
+    # The output and data directories are created when missing.
+    for name in ("output_dir", "data_dir"):
+        value = getattr(args, name)
+        if value is not None and os.path.exists(value) and not os.path.isdir(value):
+            parser.error(
+                f"--{name.replace('_', '-')} must be a directory; received "
+                f"{value!r}, which is a file"
+            )
+    if args.manual_dir is not None and not os.path.isdir(args.manual_dir):
+        parser.error(
+            "--manual-dir must be an existing directory; "
+            f"received {args.manual_dir!r}"
+        )
+
+
+def load_data(args):
+    """`load_fashion_mnist` with the common arguments of `args`."""
+    return load_fashion_mnist(
+        args.batch_size,
+        args.seed,
+        args.steps_per_epoch,
+        data_dir=args.data_dir,
+        manual_dir=args.manual_dir,
+    )
+
+
+def epochs_text(epochs: int) -> str:
+    """"1 epoch", "5 epochs"."""
+    return f"{epochs} epoch" + ("" if epochs == 1 else "s")
+
+
+def command_line(script: str, argv: Optional[Sequence[str]] = None) -> str:
+    """The shell command that ran `script` with `argv` (default: this
+    process's arguments), for the "Produced by" line of the outputs."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    return "python " + " ".join(shlex.quote(part) for part in [script, *arguments])
 
 
 TABLE_COLUMNS = [
@@ -247,6 +452,67 @@ def format_table(rows: Sequence[Dict[str, object]], columns=TABLE_COLUMNS) -> st
     return "\n".join(lines)
 
 
+def machine_description() -> str:
+    """The processor, its core count and the Keras version and backend,
+    e.g. for "Produced by ... on <machine>"."""
+    import platform
+
+    processor = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    processor = f"{line.split(':', 1)[1].strip()} ({processor})"
+                    break
+    except OSError:  # not Linux
+        pass
+    backend = keras.backend.backend()
+    versions = f"Keras {keras.__version__} on {backend}"
+    if backend in ("tensorflow", "jax"):
+        versions += f" {__import__(backend).__version__}"
+    return f"{processor}, {os.cpu_count()} CPU cores, {versions}"
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def output_paths(output_dir: str, stem: str) -> Dict[str, str]:
+    """`{"png": ..., "md": ..., "csv": ...}` under `output_dir`, created."""
+    os.makedirs(output_dir, exist_ok=True)
+    return {
+        extension: os.path.join(output_dir, f"{stem}.{extension}")
+        for extension in ("png", "md", "csv")
+    }
+
+
+def write_tables(
+    rows: Sequence[Dict[str, object]],
+    paths: Dict[str, str],
+    title: str,
+    command: str,
+    columns=TABLE_COLUMNS,
+) -> None:
+    """Writes `rows` as the Markdown table `paths["md"]`, which says which
+    command produced it and on what machine, and as `paths["csv"]` (full
+    precision)."""
+    table = format_table(rows, columns)
+    machine = machine_description()
+    with open(paths["md"], "w") as handle:
+        handle.write(f"{title}\n\n{table}\n\nProduced by `{command}` on {machine}.\n")
+    with open(paths["csv"], "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([key for key, _, _ in columns])
+        for row in rows:
+            writer.writerow([row[key] for key, _, _ in columns])
+
+
 def write_outputs(
     rows: Sequence[Dict[str, object]],
     output_dir: str,
@@ -260,19 +526,10 @@ def write_outputs(
     """Writes `<stem>.png` (smoothed loss curves), `<stem>.md` and
     `<stem>.csv`; returns their paths. The Markdown file says which command
     produced it and on what machine."""
-    import platform
+    import matplotlib.ticker
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {
-        "png": os.path.join(output_dir, f"{stem}.png"),
-        "md": os.path.join(output_dir, f"{stem}.md"),
-        "csv": os.path.join(output_dir, f"{stem}.csv"),
-    }
+    plt = pyplot()
+    paths = output_paths(output_dir, stem)
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for row in rows:
         axes.plot(row[curve_key], label=str(row[label_key]), linewidth=1.2)
@@ -280,22 +537,14 @@ def write_outputs(
     axes.set_ylabel("training loss (EMA 0.95)")
     axes.set_title(title)
     axes.set_yscale("log")
+    # Plain numbers (0.3, 0.4, 2) on the log axis rather than 3 x 10^-1.
+    plain = matplotlib.ticker.FormatStrFormatter("%g")
+    axes.yaxis.set_major_formatter(plain)
+    axes.yaxis.set_minor_formatter(plain)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
     figure.savefig(paths["png"], dpi=120)
     plt.close(figure)
-
-    table = format_table(rows, columns)
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"Keras {keras.__version__} ({keras.backend.backend()} backend)"
-    )
-    with open(paths["md"], "w") as handle:
-        handle.write(f"{title}\n\n{table}\n\nProduced by `{command}` on {machine}.\n")
-    with open(paths["csv"], "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([key for key, _, _ in columns])
-        for row in rows:
-            writer.writerow([row[key] for key, _, _ in columns])
+    write_tables(rows, paths, title, command, columns)
     return paths

@@ -1,0 +1,250 @@
+"""The examples in their short mode, on the real fashion-MNIST data.
+
+Each example is run in this process through its `main(argv)` with one
+short epoch, and its outputs are checked: the PNG, Markdown and CSV exist,
+and the CSV holds sane numbers (accuracy in [0, 1], finite losses, and the
+optimizer state bytes per parameter each optimizer is known to keep).
+
+The data comes through tensorflow-datasets. When `TFDS_DATA_DIR` is unset
+and `../shared/tensorflow_datasets` (beside the repository, as in CI) exists,
+that directory is used. When fashion_mnist is not prepared there and its
+download host cannot be reached, the tests are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import os
+import socket
+import sys
+
+import pytest
+
+import keras_soma
+from registry import REGISTRY
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(REPOSITORY, "examples")
+SHARED_DATA_DIR = os.path.join(
+    os.path.dirname(REPOSITORY), "shared", "tensorflow_datasets"
+)
+if "TFDS_DATA_DIR" not in os.environ and os.path.isdir(SHARED_DATA_DIR):
+    os.environ["TFDS_DATA_DIR"] = SHARED_DATA_DIR
+
+DOWNLOAD_HOST = "fashion-mnist.s3-website.eu-central-1.amazonaws.com"
+
+# A short run: enough batches for the loss to move, few enough for the
+# whole file to take about a minute on two CPU cores.
+SHORT_RUN = ["--epochs", "1", "--steps-per-epoch", "20"]
+
+# Optimizer state bytes per parameter of Keras's own optimizers at their
+# defaults, whatever the model: Adam keeps two float32 moments, Adagrad and
+# RMSprop one, Lion one, SGD (momentum 0) none.
+KERAS_STATE_BYTES = {"adam": 8.0, "adagrad": 4.0, "rmsprop": 4.0, "lion": 4.0, "sgd": 0.0}
+
+pytestmark = pytest.mark.slow
+
+
+def load_example(name: str):
+    """Imports `examples/<name>.py` as a module."""
+    path = os.path.join(EXAMPLES, f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def host_reachable(host: str, port: int = 80, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def common():
+    """The examples' shared module, or a skip if their extras are missing."""
+    pytest.importorskip("tensorflow_datasets", reason="needs the `examples` extra")
+    pytest.importorskip("matplotlib", reason="needs the `examples` extra")
+    sys.path.insert(0, EXAMPLES)
+    import fashion_mnist_common
+
+    return fashion_mnist_common
+
+
+@pytest.fixture(scope="module")
+def data_dir(common):
+    """The tfds data directory to pass as `--data-dir`, or a skip when
+    fashion_mnist is neither prepared nor downloadable."""
+    import tensorflow_datasets as tfds
+
+    directory = os.environ.get(
+        "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    )
+    if tfds.builder("fashion_mnist", data_dir=directory).is_prepared():
+        return directory
+    if not host_reachable(DOWNLOAD_HOST):
+        pytest.skip(
+            f"fashion_mnist is not prepared in {directory} (set TFDS_DATA_DIR) "
+            f"and {DOWNLOAD_HOST} cannot be reached to download it"
+        )
+    return directory
+
+
+def optimizer_key(common, optimizer_class) -> str:
+    """The examples' `--optimizer` name of a keras_soma optimizer class."""
+    for key, value in common.OPTIMIZERS.items():
+        if value is optimizer_class:
+            return key
+    raise AssertionError(f"{optimizer_class.__name__} missing from OPTIMIZERS")
+
+
+def mlp_state_bytes(common):
+    """Expected state bytes per parameter on the MLP, by `--optimizer`
+    name: the registry's figure for every keras_soma optimizer at its
+    defaults, and KERAS_STATE_BYTES for Keras's."""
+    expected = dict(KERAS_STATE_BYTES)
+    for spec in REGISTRY.values():
+        defaults = [value for arguments, value in spec.bytes_per_parameter if not arguments]
+        assert defaults, f"registry row of {spec.name} lacks the default state bytes"
+        expected[optimizer_key(common, spec.cls)] = defaults[0]
+    return expected
+
+
+def read_outputs(output_dir, stem, script):
+    """Checks that `<stem>.png/.md/.csv` exist and look right; returns the
+    CSV's rows."""
+    png, markdown, table = (
+        os.path.join(output_dir, f"{stem}.{extension}")
+        for extension in ("png", "md", "csv")
+    )
+    with open(png, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
+    assert os.path.getsize(png) > 10_000, f"{png} is suspiciously small"
+
+    with open(markdown) as handle:
+        text = handle.read()
+    assert "|---|" in text, text
+    assert f"Produced by `python examples/{script}.py" in text
+    assert "CPU cores" in text  # the machine is named
+
+    with open(table, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def check_accuracy_and_loss(row, loss_key="final_smoothed_loss"):
+    accuracy = float(row["test_accuracy"])
+    loss = float(row[loss_key])
+    assert 0.0 <= accuracy <= 1.0, row
+    # 20 batches of training beat guessing among 10 classes.
+    assert accuracy > 0.1, row
+    assert math.isfinite(loss) and loss > 0.0, row
+
+
+def check_outputs(output_dir, stem, script, expected_state_bytes):
+    """Checks `<stem>.png/.md/.csv` of an optimizer comparison; returns the
+    CSV rows. `expected_state_bytes` lists each row's state bytes per
+    parameter, in order."""
+    rows = read_outputs(output_dir, stem, script)
+    assert len(rows) == len(expected_state_bytes), rows
+    for row, expected_bytes in zip(rows, expected_state_bytes):
+        check_accuracy_and_loss(row)
+        assert float(row["learning_rate"]) > 0.0, row
+        seconds = float(row["seconds_per_epoch"])
+        assert math.isfinite(seconds) and seconds > 0.0, row
+        assert float(row["state_bytes_per_parameter"]) == pytest.approx(
+            expected_bytes, rel=1e-6
+        ), row
+    return rows
+
+
+def test_fashion_mnist_mlp_short(common, data_dir, tmp_path):
+    # Every keras_soma optimizer in the registry, plus SGD (no state).
+    expected = mlp_state_bytes(common)
+    names = [optimizer_key(common, spec.cls) for spec in REGISTRY.values()] + ["sgd"]
+    example = load_example("fashion_mnist_mlp")
+    example.main(
+        ["--optimizer", *names, *SHORT_RUN, "--data-dir", data_dir,
+         "--output-dir", str(tmp_path)]
+    )
+    rows = check_outputs(
+        tmp_path, "mlp", "fashion_mnist_mlp", [expected[name] for name in names]
+    )
+    assert [row["optimizer"] for row in rows] == [
+        common.DISPLAY_NAMES[name] for name in names
+    ]
+
+
+def test_fashion_mnist_cnn_short(common, data_dir, tmp_path):
+    # Soma's state bytes do not depend on the model.
+    example = load_example("fashion_mnist_cnn")
+    example.main(
+        ["--optimizer", "soma", *SHORT_RUN, "--data-dir", data_dir,
+         "--output-dir", str(tmp_path)]
+    )
+    check_outputs(tmp_path, "cnn", "fashion_mnist_cnn", [4.0])
+
+
+def test_decay_factor_short(common, data_dir, tmp_path):
+    example = load_example("decay_factor")
+    example.main(
+        ["--momentums", "0.5", "0.999", *SHORT_RUN, "--data-dir", data_dir,
+         "--output-dir", str(tmp_path)]
+    )
+    rows = check_outputs(tmp_path, "decay_factor", "decay_factor", [4.0, 4.0])
+    assert [float(row["momentum"]) for row in rows] == [0.5, 0.999]
+
+
+@pytest.mark.skipif(
+    not hasattr(keras_soma, "PolyakAveraging") or not hasattr(keras_soma, "SM3"),
+    reason="needs keras_soma.SM3 and keras_soma.PolyakAveraging",
+)
+def test_sm3_polyak_serving_short(common, data_dir, tmp_path):
+    export_dir = tmp_path / "served"
+    example = load_example("sm3_polyak_serving")
+    example.main(
+        [*SHORT_RUN, "--data-dir", data_dir, "--output-dir", str(tmp_path),
+         "--export-dir", str(export_dir)]
+    )
+    assert (export_dir / "saved_model.pb").exists()
+    raw, averaged, served = read_outputs(
+        tmp_path, "sm3_polyak_serving", "sm3_polyak_serving"
+    )
+    assert [row["weights"] for row in (raw, averaged, served)] == [
+        "raw", "Polyak average", "Polyak average"
+    ]
+    for row in (raw, averaged, served):
+        check_accuracy_and_loss(row, loss_key="test_loss")
+    # The reloaded SavedModel serves the averaged weights.
+    # (Keras's accuracy metric is float32, the served one float64.)
+    assert float(served["test_accuracy"]) == pytest.approx(
+        float(averaged["test_accuracy"]), abs=1e-6
+    )
+    assert float(served["test_loss"]) == pytest.approx(
+        float(averaged["test_loss"]), rel=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "example_name, arguments, message",
+    [
+        ("fashion_mnist_mlp", ["--epochs", "0"], "--epochs must be an integer >= 1; received 0"),
+        ("fashion_mnist_mlp", ["--learning-rate", "-1"], "--learning-rate must be > 0"),
+        ("fashion_mnist_cnn", ["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+        ("fashion_mnist_cnn", ["--steps-per-epoch", "-3"], "--steps-per-epoch must be an integer >= 1"),
+        ("decay_factor", ["--momentums", "0.5", "1.0"], "--momentums must each lie in [0, 1); received [1.0]"),
+        ("decay_factor", ["--manual-dir", "/nonexistent/downloads"], "--manual-dir must be an existing directory"),
+        ("decay_factor", ["--output-dir", __file__], "--output-dir must be a directory"),
+        ("sm3_polyak_serving", ["--warmup-fraction", "0.6", "--cooldown-fraction", "0.5"], "--warmup-fraction plus --cooldown-fraction must be at most 1"),
+        ("sm3_polyak_serving", ["--averaging-decay", "1"], "--averaging-decay must lie in (0, 1); received 1.0"),
+        ("sm3_polyak_serving", ["--export-dir", os.path.dirname(__file__)], "--export-dir must not exist yet"),
+    ],
+)
+def test_bad_arguments_are_named(common, example_name, arguments, message, capsys):
+    example = load_example(example_name)
+    with pytest.raises(SystemExit):
+        example.parse_args(arguments)
+    assert message in capsys.readouterr().err
