@@ -7,14 +7,17 @@ model.compile(optimizer=keras_soma.Soma(), loss=..., metrics=[...])
 
 * `Soma`: the sign of momentum, half of Adam's state (4 bytes/parameter).
 * `GradSign`: an int8 moving average of the gradient's sign (1 byte).
+* `PolyakAveraging`: a callback keeping averaged weights for evaluation
+  and serving, with any optimizer.
 
 Importing the package registers every class with Keras's serialization, so
 `.keras` files that use them load without `custom_objects`.
 """
 
+from keras_soma.callbacks import PolyakAveraging
 from keras_soma.gradsign import GradSign
 from keras_soma.soma import Soma
 
 __version__ = "0.1.0"
 
-__all__ = ["GradSign", "Soma"]
+__all__ = ["GradSign", "PolyakAveraging", "Soma"]
