@@ -4,9 +4,9 @@ both in-process and as a subprocess that gets killed.
     python tests/training_run.py OPTIMIZER BACKUP_DIR OUTPUT.npz [--crash-at-step N]
 
 Trains a tiny model for `EPOCHS` epochs on fixed data with
-`keras.callbacks.BackupAndRestore(save_freq="epoch")`, printing
-"step <n>" after every batch, and saves the final weights and optimizer
-state to OUTPUT.npz.
+`keras.callbacks.BackupAndRestore(save_freq="epoch")` and
+`keras_soma.PolyakAveraging`, printing "step <n>" after every batch, and
+saves the final weights, optimizer state and averages to OUTPUT.npz.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import keras_soma  # noqa: E402
 from registry import REGISTRY  # noqa: E402
 
 EPOCHS = 3
@@ -71,9 +72,13 @@ def build(optimizer_name: str) -> keras.Model:
 
 
 def train(optimizer_name: str, backup_dir=None, extra_callbacks=(), model=None):
-    """Trains (resuming from `backup_dir` if it holds a backup)."""
+    """Trains (resuming from `backup_dir` if it holds a backup), keeping
+    Polyak averages of the weights (their state is saved with the model's
+    weights, so the backup carries it)."""
     model = model or build(optimizer_name)
-    callbacks = list(extra_callbacks)
+    averaging = keras_soma.PolyakAveraging(decay=0.9, evaluate_with_average=False)
+    model.polyak_averaging_callback = averaging
+    callbacks = [averaging, *extra_callbacks]
     if backup_dir is not None:
         callbacks.insert(0, keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch"))
     inputs, targets = data()
@@ -88,6 +93,13 @@ def final_state(model) -> dict:
     arrays = {f"weight_{i}": keras.ops.convert_to_numpy(w) for i, w in enumerate(model.weights)}
     for i, variable in enumerate(model.optimizer.variables):
         arrays[f"optimizer_{i}"] = keras.ops.convert_to_numpy(variable)
+    averaging = getattr(model, "polyak_averaging_callback", None)
+    if averaging is not None:
+        state = averaging.get_state()
+        for i, average in enumerate(state["averages"]):
+            arrays[f"average_{i}"] = np.asarray(average)
+        arrays["average_updates"] = np.asarray(state["num_updates"])
+        arrays["average_last_step"] = np.asarray(state["last_step"])
     return arrays
 
 
