@@ -7,6 +7,9 @@ model.compile(optimizer=keras_soma.Soma(), loss=..., metrics=[...])
 
 * `Soma`: the sign of momentum, half of Adam's state (4 bytes/parameter).
 * `GradSign`: an int8 moving average of the gradient's sign (1 byte).
+* `SM3`: AdaGrad-like adaptivity with one accumulator per tensor axis
+  (a few hundredths of a byte per parameter without momentum).
+* `schedules.WarmupCooldown`: warm-up / cool-down learning-rate schedule.
 * `PolyakAveraging`: a callback keeping averaged weights for evaluation
   and serving, with any optimizer.
 
@@ -14,10 +17,12 @@ Importing the package registers every class with Keras's serialization, so
 `.keras` files that use them load without `custom_objects`.
 """
 
+from keras_soma import schedules
 from keras_soma.callbacks import PolyakAveraging
 from keras_soma.gradsign import GradSign
+from keras_soma.sm3 import SM3
 from keras_soma.soma import Soma
 
 __version__ = "0.1.0"
 
-__all__ = ["GradSign", "PolyakAveraging", "Soma"]
+__all__ = ["GradSign", "PolyakAveraging", "SM3", "Soma", "schedules"]

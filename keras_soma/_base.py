@@ -192,9 +192,50 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         """
         gradient = _sparse.densify(gradient)
         learning_rate = ops.cast(learning_rate, variable.dtype)
-        finite = self._finite_flag()
         targets = [variable, *slots]
-        weight_decay = self._weight_decay_for(variable)
+        compute = self._step_computation(step_fn, targets, hyperparameters)
+        if self._use_fused_kernel():
+            _fused.update(targets, compute, gradient, learning_rate)
+            return
+        values = [ops.convert_to_tensor(target) for target in targets]
+        for target, result in zip(targets, compute(values, gradient, learning_rate)):
+            self.assign(target, result)
+
+    def update_rows_with(
+        self,
+        step_fn: Callable,
+        variable,
+        gradient,
+        row_slots: Sequence[Any],
+        learning_rate,
+        hyperparameters: Sequence[Any] = (),
+    ) -> None:
+        """Like `update_with`, on the rows a tf.IndexedSlices gradient
+        touches and nothing else (the lazy row path).
+
+        Rows named more than once in `gradient` are summed first. Only
+        those rows of `variable` and of each of `row_slots` (state whose
+        first dimension indexes the variable's rows) are read, passed to
+        `step_fn` with the summed row gradients, and written back; no
+        full-size temporary is made. Weight decay, like the rest of the
+        update, reaches only the touched rows.
+        """
+        indices, row_gradient = _sparse.unique_rows(gradient)
+        learning_rate = ops.cast(learning_rate, variable.dtype)
+        targets = [variable, *row_slots]
+        compute = self._step_computation(step_fn, targets, hyperparameters)
+        values = [_sparse.gather_rows(target, indices) for target in targets]
+        for target, result in zip(
+            targets, compute(values, row_gradient, learning_rate)
+        ):
+            self.assign(target, _sparse.row_slices(result, indices))
+
+    def _step_computation(self, step_fn, targets, hyperparameters):
+        """`compute(values, gradient, learning_rate)`: weight decay, then
+        `step_fn`, then (with `skip_nonfinite`) the old values kept on a
+        non-finite step, cast to the dtypes of `targets`."""
+        finite = self._finite_flag()
+        weight_decay = self._weight_decay_for(targets[0])
 
         def compute(values, gradient, learning_rate):
             value = values[0]
@@ -218,12 +259,7 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
                 for result, target in zip(results, targets)
             ]
 
-        if self._use_fused_kernel():
-            _fused.update(targets, compute, gradient, learning_rate)
-            return
-        values = [ops.convert_to_tensor(target) for target in targets]
-        for target, result in zip(targets, compute(values, gradient, learning_rate)):
-            self.assign(target, result)
+        return compute
 
     def _weight_decay_for(self, variable):
         if self.weight_decay is None or not self._use_weight_decay(variable):

@@ -206,6 +206,28 @@ def variable_layout(variable) -> Any:
     return getattr(variable, "_layout", None)
 
 
+def axis_layout(layout: Any, axis: int) -> Any:
+    """The layout of a per-axis state vector of a variable laid out as
+    `layout`: the variable's sharding of dimension `axis`, on its mesh.
+
+    Args:
+        layout: The variable's layout (see `variable_layout`), or None.
+        axis: The dimension of the variable the vector runs along.
+
+    Returns:
+        A `keras.distribution.TensorLayout` of rank 1, or None when the
+        variable has no layout or a backend-specific one without `axes`
+        (the vector is then replicated, which costs little: it holds one
+        number per index of that dimension).
+    """
+    axes = getattr(layout, "axes", None)
+    if axes is None:
+        return None
+    return keras.distribution.TensorLayout(
+        axes=(axes[axis],), device_mesh=layout.device_mesh
+    )
+
+
 def state_name(variable, slot: str) -> str:
     """`{variable path}_{slot}`, the naming Keras uses for optimizer state."""
     path = getattr(variable, "path", None) or str(variable.name)

@@ -123,3 +123,183 @@ def gradsign_step(
     averaged_sign = (count.astype(dtype) / dtype.type(64)).astype(dtype)
     step = (_cast_learning_rate(learning_rate, dtype) * averaged_sign).astype(dtype)
     return (variable - step).astype(dtype), {"sign_counter": count.astype(np.int8)}
+
+
+# ---------------------------------------------------------------------------
+# SM3
+# ---------------------------------------------------------------------------
+
+
+def sm3_init(variable: np.ndarray, momentum: float = 0.9, **unused) -> State:
+    """Rank >= 2: one float32 vector per axis (`accumulator_<axis>`);
+    rank 0 and 1: one full-size float32 `accumulator`; plus a `momentum`
+    of the variable's shape and dtype when momentum > 0."""
+    if variable.ndim >= 2:
+        state = {
+            f"accumulator_{axis}": np.zeros((dimension,), np.float32)
+            for axis, dimension in enumerate(variable.shape)
+        }
+    else:
+        state = {"accumulator": np.zeros(variable.shape, np.float32)}
+    if momentum > 0:
+        state["momentum"] = np.zeros(variable.shape, variable.dtype)
+    return state
+
+
+def _sm3_accumulate(previous: np.ndarray, squares: np.ndarray, beta_2: float):
+    """Sum (beta_2 = 1) or moving average, saturated at the float32 max."""
+    with np.errstate(over="ignore"):
+        if beta_2 == 1.0:
+            total = previous + squares
+        else:
+            total = previous * np.float32(beta_2) + squares * np.float32(1.0 - beta_2)
+    return np.minimum(total, np.finfo(np.float32).max)
+
+
+def _sm3_slice_max(values: np.ndarray, axis: int) -> np.ndarray:
+    """max over every axis but `axis`: one number per slice along `axis`."""
+    others = tuple(other for other in range(values.ndim) if other != axis)
+    return values.max(axis=others) if others else values
+
+
+def _sm3_broadcast(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
+    shape = [1] * rank
+    shape[axis] = vector.shape[0]
+    return vector.reshape(shape)
+
+
+def _sm3_nu_and_accumulators(squares, accumulators, variant, beta_2):
+    """`nu` (the variable's shape, or broadcastable to it) and the new
+    accumulators of the cover given as {axis: vector}; a cover of
+    {None: full-size accumulator} is diagonal AdaGrad."""
+    rank = squares.ndim
+
+    def minimum_over_cover(vectors):
+        broadcast = [_sm3_broadcast(vector, axis, rank) for axis, vector in vectors.items()]
+        result = broadcast[0]
+        for vector in broadcast[1:]:
+            result = np.minimum(result, vector)
+        return result
+
+    if None in accumulators:
+        nu = _sm3_accumulate(accumulators[None], squares, beta_2)
+        return nu, {None: nu}
+    if variant == "II":
+        nu = _sm3_accumulate(minimum_over_cover(accumulators), squares, beta_2)
+        return nu, {axis: _sm3_slice_max(nu, axis) for axis in accumulators}
+    new = {
+        axis: _sm3_accumulate(vector, _sm3_slice_max(squares, axis), beta_2)
+        for axis, vector in accumulators.items()
+    }
+    return minimum_over_cover(new), new
+
+
+def _sm3_move(
+    variable, gradient, nu, momentum_value, learning_rate, momentum, beta_2, epsilon
+):
+    """u = g / sqrt(nu + eps) (0 where nu = 0), clipped to +-1 (sums) or
+    +-1/sqrt(1 - beta_2) (averages), then momentum, and the move."""
+    dtype = variable.dtype
+    gradient = gradient.astype(np.float32)
+    nu = np.broadcast_to(nu, gradient.shape)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        update = np.where(
+            nu > 0, gradient / np.sqrt(nu + np.float32(epsilon)), np.float32(0)
+        ).astype(np.float32)
+    bound = np.float32(1.0 if beta_2 == 1.0 else 1.0 / np.sqrt(1.0 - beta_2))
+    update = np.clip(update, -bound, bound)
+    direction = update
+    new_momentum = None
+    if momentum_value is not None:
+        new_momentum = (
+            momentum_value.astype(np.float32) * np.float32(momentum)
+            + update * np.float32(1.0 - momentum)
+        ).astype(momentum_value.dtype)
+        direction = new_momentum
+    step = _cast_learning_rate(learning_rate, dtype) * direction.astype(dtype)
+    return (variable - step).astype(dtype), new_momentum
+
+
+def sm3_step(
+    variable: np.ndarray,
+    gradient: np.ndarray,
+    state: State,
+    learning_rate: float,
+    weight_decay: Optional[float] = None,
+    momentum: float = 0.9,
+    beta_2: float = 1.0,
+    epsilon: float = 1e-30,
+    variant: str = "II",
+) -> Tuple[np.ndarray, State]:
+    """One dense SM3 step (variant I or II, sums or moving averages).
+
+    II: nu = min_r A_r + g^2, A_r <- max of nu over the other axes.
+    I:  A_r <- A_r + max of g^2 over the other axes, nu = min_r A_r.
+    u = g / sqrt(nu + eps) (0 where nu = 0); m <- mu m + (1 - mu) u;
+    theta <- theta - lr * m (u without momentum).
+    """
+    variable = apply_weight_decay(variable, learning_rate, weight_decay)
+    with np.errstate(over="ignore"):
+        squares = np.square(gradient.astype(np.float32))
+    if variable.ndim >= 2:
+        accumulators = {
+            axis: state[f"accumulator_{axis}"] for axis in range(variable.ndim)
+        }
+    else:
+        accumulators = {None: state["accumulator"]}
+    nu, new = _sm3_nu_and_accumulators(squares, accumulators, variant, beta_2)
+    new_variable, new_momentum = _sm3_move(
+        variable, gradient, nu, state.get("momentum"), learning_rate, momentum,
+        beta_2, epsilon,
+    )
+    if variable.ndim >= 2:
+        new_state = {f"accumulator_{axis}": new[axis] for axis in range(variable.ndim)}
+    else:
+        new_state = {"accumulator": new[None]}
+    if new_momentum is not None:
+        new_state["momentum"] = new_momentum
+    return new_variable, new_state
+
+
+def sm3_sparse_step(
+    variable: np.ndarray,
+    indices: np.ndarray,
+    values: np.ndarray,
+    state: State,
+    learning_rate: float,
+    weight_decay: Optional[float] = None,
+    momentum: float = 0.9,
+    beta_2: float = 1.0,
+    epsilon: float = 1e-30,
+    variant: str = "II",
+) -> Tuple[np.ndarray, State]:
+    """The row path of SM3 for a row-sliced gradient (`values[i]` is the
+    gradient of row `indices[i]`; repeated rows are summed).
+
+    Only the touched rows change: for them, the dense step with the cover
+    reduced to the row accumulator (`accumulator_0`, or the full-size
+    `accumulator` of a vector); the other axes' accumulators, and every
+    untouched row of the variable, the accumulator and the momentum, are
+    left exactly as they were (no decay, no weight decay, no momentum).
+    """
+    rows = np.unique(indices)
+    summed = np.zeros((len(rows),) + variable.shape[1:], values.dtype)
+    np.add.at(summed, np.searchsorted(rows, indices), values)
+    row_name = "accumulator_0" if variable.ndim >= 2 else "accumulator"
+    touched = apply_weight_decay(variable[rows], learning_rate, weight_decay)
+    with np.errstate(over="ignore"):
+        squares = np.square(summed.astype(np.float32))
+    nu, new = _sm3_nu_and_accumulators(
+        squares, {0: state[row_name][rows]}, variant, beta_2
+    )
+    momentum_rows = state["momentum"][rows] if "momentum" in state else None
+    new_rows, new_momentum_rows = _sm3_move(
+        touched, summed, nu, momentum_rows, learning_rate, momentum, beta_2, epsilon
+    )
+    new_variable = variable.copy()
+    new_variable[rows] = new_rows
+    new_state = {name: array.copy() for name, array in state.items()}
+    new_state[row_name][rows] = new[0]
+    if new_momentum_rows is not None:
+        new_state["momentum"][rows] = new_momentum_rows
+    return new_variable, new_state

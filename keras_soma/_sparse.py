@@ -49,3 +49,20 @@ def unique_rows(gradient):
         gradient.values, positions, tf.shape(unique_indices)[0]
     )
     return unique_indices, summed
+
+
+def gather_rows(variable, indices):
+    """Rows `indices` of a Keras (or tf) variable, read without reading
+    the rest of it (a resource gather, not a read and then a gather)."""
+    import tensorflow as tf
+
+    native = variable.value if isinstance(variable, keras.Variable) else variable
+    return tf.gather(native, indices)
+
+
+def row_slices(rows, indices):
+    """`rows` to be written at row `indices` of a variable: a
+    tf.IndexedSlices, which `optimizer.assign` turns into a scatter."""
+    import tensorflow as tf
+
+    return tf.IndexedSlices(rows, indices)

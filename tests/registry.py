@@ -100,6 +100,54 @@ register(
 )
 
 
+# SM3 with momentum=0 on the MLP: float32 accumulators of 784 + 128 and
+# 128 + 64 and 64 + 10 numbers for the kernels, 128, 64 and 10 for the
+# biases, over 784*128 + 128 + 128*64 + 64 + 64*10 + 10 = 109,386 parameters.
+SM3_ACCUMULATOR_BYTES_PER_PARAMETER = (
+    4 * (784 + 128 + 128 + 128 + 64 + 64 + 64 + 10 + 10) / 109_386
+)
+
+register(
+    OptimizerSpec(
+        cls=keras_soma.SM3,
+        reference_init=_reference.sm3_init,
+        reference_step=_reference.sm3_step,
+        reference_cases=[
+            {},
+            {"variant": "I"},
+            {"momentum": 0.0},
+            {"variant": "I", "momentum": 0.0, "beta_2": 0.9},
+            {"beta_2": 0.99, "epsilon": 1e-8},
+        ],
+        fit_learning_rate=0.1,
+        bytes_per_parameter=[
+            ({"momentum": 0.0}, SM3_ACCUMULATOR_BYTES_PER_PARAMETER),
+            # momentum adds one float32 per parameter.
+            ({}, 4.0 + SM3_ACCUMULATOR_BYTES_PER_PARAMETER),
+        ],
+        bad_arguments=COMMON_BAD_ARGUMENTS
+        + [
+            ({"variant": "III"}, "variant"),
+            ({"variant": 2}, "variant"),
+            ({"momentum": 1.0}, "momentum"),
+            ({"momentum": -0.1}, "momentum"),
+            ({"beta_2": 0.0}, "beta_2"),
+            ({"beta_2": 1.5}, "beta_2"),
+            ({"beta_2": float("nan")}, "beta_2"),
+            ({"epsilon": -1e-8}, "epsilon"),
+            ({"epsilon": float("inf")}, "epsilon"),
+        ],
+        config_case={
+            "learning_rate": 0.05,
+            "momentum": 0.0,
+            "beta_2": 0.99,
+            "epsilon": 1e-8,
+            "variant": "I",
+        },
+    )
+)
+
+
 def exported_optimizers() -> List[type]:
     """Every optimizer class in `keras_soma.__all__`."""
     import keras

@@ -1,0 +1,448 @@
+"""SM3-specific behaviour: memory, slots by rank, edge-case gradients, the
+difference between the variants, and the row path for tf.IndexedSlices.
+
+The update rule itself is checked against `keras_soma._reference` by
+`test_reference.py` (SM3's registry row); the row path is checked here
+against `_reference.sm3_sparse_step`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_soma
+from conftest import requires_tensorflow
+from helpers import make_stepper, modes_for_backend, to_numpy
+from keras_soma import _reference
+from keras_soma.memory import optimizer_state_bytes, state_bytes_per_parameter
+
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
+)
+import fashion_mnist_common  # noqa: E402
+
+SHAPES = [(), (7,), (5, 3), (2, 3, 2, 4)]
+
+
+def fused_for(mode):
+    """The `fused` argument of a mode (see helpers.MODES)."""
+    return False if mode == "compiled_unfused" else None
+
+
+def slot_values(optimizer, variable):
+    return {name: to_numpy(value) for name, value in optimizer.get_slots(variable).items()}
+
+
+# ---------------------------------------------------------------------------
+# Memory and state
+# ---------------------------------------------------------------------------
+
+
+def accumulator_numbers(variables):
+    """The cover's size: one number per index of each axis for rank >= 2,
+    one per element for rank 0 and 1."""
+    total = 0
+    for variable in variables:
+        shape = tuple(variable.shape)
+        total += sum(shape) if len(shape) >= 2 else int(np.prod(shape, dtype=np.int64))
+    return total
+
+
+@pytest.mark.parametrize(
+    "build_model,limit",
+    [
+        # 1,380 float32 numbers for 109,386 parameters: 0.0505 bytes per
+        # parameter. The three biases alone (202 numbers, full-size by
+        # design) take it past the issue's 0.05; see docs/sm3.md.
+        (fashion_mnist_common.build_mlp, 0.0505),
+        # 9,857 numbers for 1,199,882 parameters: 0.033.
+        (fashion_mnist_common.build_cnn, 0.05),
+    ],
+    ids=["mlp", "cnn"],
+)
+def test_state_without_momentum_is_the_cover_only(build_model, limit):
+    model = build_model()
+    optimizer = keras_soma.SM3(momentum=0.0)
+    optimizer.build(model.trainable_variables)
+    expected_bytes = 4 * accumulator_numbers(model.trainable_variables)
+    assert optimizer_state_bytes(optimizer) == expected_bytes
+    per_parameter = state_bytes_per_parameter(optimizer, model.trainable_variables)
+    assert per_parameter <= limit
+    adam = keras.optimizers.Adam()
+    adam.build(model.trainable_variables)
+    assert per_parameter < state_bytes_per_parameter(adam, model.trainable_variables) / 150
+
+
+def test_momentum_zero_allocates_no_momentum_tensor():
+    model = fashion_mnist_common.build_mlp()
+    without = keras_soma.SM3(momentum=0.0)
+    without.build(model.trainable_variables)
+    with_momentum = keras_soma.SM3(momentum=0.9)
+    with_momentum.build(model.trainable_variables)
+    for variable in model.trainable_variables:
+        assert "momentum" not in without.get_slots(variable)
+        momentum = with_momentum.get_slots(variable)["momentum"]
+        assert tuple(momentum.shape) == tuple(variable.shape)
+    # No state variable of a kernel's size exists at all.
+    assert all(len(state.shape) <= 1 for state in without.variables)
+    assert not any("momentum" in state.name for state in without.variables)
+    assert len(with_momentum.variables) == len(without.variables) + len(
+        model.trainable_variables
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: f"rank{len(shape)}")
+def test_slots_by_rank(shape, dtype):
+    variable = keras.Variable(np.zeros(shape), dtype=dtype)
+    optimizer = keras_soma.SM3()
+    optimizer.build([variable])
+    slots = optimizer.get_slots(variable)
+    if len(shape) >= 2:
+        expected = {f"accumulator_{axis}": (size,) for axis, size in enumerate(shape)}
+    else:
+        expected = {"accumulator": shape}
+    expected["momentum"] = shape
+    assert {name: tuple(value.shape) for name, value in slots.items()} == expected
+    for name, value in slots.items():
+        wanted = dtype if name == "momentum" else "float32"
+        assert keras.backend.standardize_dtype(value.dtype) == wanted, name
+
+
+# ---------------------------------------------------------------------------
+# Edge-case gradients
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", modes_for_backend())
+@pytest.mark.parametrize(
+    "case",
+    [{}, {"variant": "I"}, {"momentum": 0.0}, {"beta_2": 0.9}],
+    ids=["defaults", "variant-I", "momentum-0", "beta_2-0.9"],
+)
+def test_zero_gradient_at_first_step_changes_nothing(case, mode):
+    rng = np.random.default_rng(0)
+    variables = [keras.Variable(rng.standard_normal(shape).astype("float32")) for shape in SHAPES]
+    initial = [to_numpy(variable).copy() for variable in variables]
+    optimizer = keras_soma.SM3(learning_rate=0.5, fused=fused_for(mode), **case)
+    optimizer.build(variables)
+    step = make_stepper(optimizer, variables, mode)
+    step([np.zeros(shape, "float32") for shape in SHAPES])
+    assert int(to_numpy(optimizer.iterations)) == 1
+    for variable, before in zip(variables, initial):
+        np.testing.assert_array_equal(to_numpy(variable), before)
+        for name, value in slot_values(optimizer, variable).items():
+            assert not value.any(), name
+
+
+EXTREME_VALUES = np.array(
+    [1e30, -1e30, 3.4e38, 1e-40, -1e-40, 1e-20, 1e-30, 0.0, 3.0, -2.0, 1e10, 0.5],
+    "float32",
+)
+
+
+@pytest.mark.parametrize("mode", modes_for_backend())
+@pytest.mark.parametrize("beta_2", [1.0, 0.9])
+@pytest.mark.parametrize("variant", ["I", "II"])
+def test_extreme_finite_gradients_stay_finite_and_bounded(variant, beta_2, mode):
+    learning_rate = 0.1
+    shapes = [(), (12,), (3, 4), (2, 3, 2)]
+    variables = [keras.Variable(np.zeros(shape, "float32")) for shape in shapes]
+    optimizer = keras_soma.SM3(
+        learning_rate=learning_rate,
+        momentum=0.0,
+        beta_2=beta_2,
+        variant=variant,
+        fused=fused_for(mode),
+    )
+    optimizer.build(variables)
+    step = make_stepper(optimizer, variables, mode)
+    rng = np.random.default_rng(1)
+    # |u| <= 1 for sums, 1 / sqrt(1 - beta_2) for averages (nu >= (1 -
+    # beta_2) g^2), so no step moves a parameter by more than lr * bound.
+    bound = learning_rate * (1.0 if beta_2 == 1.0 else 1.0 / np.sqrt(1.0 - beta_2))
+    for index in range(4):
+        gradients = [
+            rng.permutation(EXTREME_VALUES)[: int(np.prod(shape))].reshape(shape)
+            if index % 2 == 0
+            else rng.choice(EXTREME_VALUES, size=shape)
+            for shape in shapes
+        ]
+        if index == 0:
+            gradients[0] = np.asarray(1e30, "float32")
+        before = [to_numpy(variable).copy() for variable in variables]
+        step(gradients)
+        for variable, previous in zip(variables, before):
+            value = to_numpy(variable)
+            assert np.isfinite(value).all()
+            assert np.abs(value - previous).max(initial=0.0) <= bound * (1 + 1e-6)
+            for name, state in slot_values(optimizer, variable).items():
+                assert np.isfinite(state).all(), name
+        if index == 0:
+            # The scalar's first gradient 1e30 squares past float32; the
+            # exact step g / sqrt(g^2 / (1 - beta_2)) is still taken.
+            np.testing.assert_allclose(to_numpy(variables[0]), -bound, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", modes_for_backend())
+def test_scalar_variable_converges(mode):
+    variable = keras.Variable(0.0)
+    optimizer = keras_soma.SM3(learning_rate=1.0, momentum=0.0, fused=fused_for(mode))
+    optimizer.build([variable])
+    step = make_stepper(optimizer, [variable], mode)
+    distances = []
+    for _ in range(100):
+        value = float(to_numpy(variable))
+        distances.append(abs(value - 3.0))
+        step([np.asarray(2.0 * (value - 3.0), "float32")])  # d/dx (x - 3)^2
+    assert tuple(optimizer.get_slots(variable)["accumulator"].shape) == ()
+    assert distances[-1] < 0.05 * distances[0]
+
+
+# ---------------------------------------------------------------------------
+# Variants
+# ---------------------------------------------------------------------------
+
+
+def one_step(variant, gradient, **kwargs):
+    variable = keras.Variable(np.zeros(gradient.shape, "float32"))
+    optimizer = keras_soma.SM3(learning_rate=1.0, momentum=0.0, variant=variant, **kwargs)
+    optimizer.apply([keras.ops.convert_to_tensor(gradient)], [variable])
+    return to_numpy(variable), slot_values(optimizer, variable)
+
+
+def test_variants_on_one_step_by_hand():
+    gradient = np.array([[3.0, 1.0], [0.0, 4.0]], "float32")
+    # II: nu = 0 + g^2 = [[9, 1], [0, 16]], u = g / sqrt(nu) = [[1, 1], [0, 1]].
+    # I: row maxima of g^2 [9, 16], column maxima [9, 16];
+    #    nu = min(row, column) = [[9, 9], [9, 16]], u = [[1, 1/3], [0, 1]].
+    # Both keep the row and column maxima of nu / g^2: [9, 16], [9, 16].
+    # With lr = 1 and no momentum, theta = -u.
+    for variant, expected in [
+        ("II", [[-1.0, -1.0], [0.0, -1.0]]),
+        ("I", [[-1.0, -1.0 / 3.0], [0.0, -1.0]]),
+    ]:
+        value, slots = one_step(variant, gradient)
+        np.testing.assert_allclose(value, expected, rtol=1e-6, err_msg=variant)
+        np.testing.assert_allclose(slots["accumulator_0"], [9.0, 16.0], err_msg=variant)
+        np.testing.assert_allclose(slots["accumulator_1"], [9.0, 16.0], err_msg=variant)
+
+
+def test_variants_agree_on_vectors_and_scalars():
+    rng = np.random.default_rng(2)
+    for shape in [(), (9,)]:
+        gradient = rng.standard_normal(shape).astype("float32")
+        value_one, slots_one = one_step("I", gradient)
+        value_two, slots_two = one_step("II", gradient)
+        np.testing.assert_array_equal(value_one, value_two)
+        np.testing.assert_array_equal(slots_one["accumulator"], slots_two["accumulator"])
+
+
+def test_variant_two_bound_is_tighter_and_both_bound_the_sums():
+    rng = np.random.default_rng(3)
+    shape = (6, 5, 4)
+    variables = {
+        variant: keras.Variable(np.zeros(shape, "float32")) for variant in ("I", "II")
+    }
+    optimizers = {
+        variant: keras_soma.SM3(momentum=0.0, variant=variant) for variant in ("I", "II")
+    }
+    sum_of_squares = np.zeros(shape, "float64")
+    for _ in range(8):
+        # Rows of very different scales, as in an activation pattern.
+        gradient = (rng.standard_normal(shape) * rng.uniform(0.1, 3.0, (6, 1, 1))).astype(
+            "float32"
+        )
+        sum_of_squares += gradient.astype("float64") ** 2
+        for variant in ("I", "II"):
+            optimizers[variant].apply(
+                [keras.ops.convert_to_tensor(gradient)], [variables[variant]]
+            )
+    covers = {}
+    for variant in ("I", "II"):
+        slots = slot_values(optimizers[variant], variables[variant])
+        broadcast = [
+            slots[f"accumulator_{axis}"].reshape([-1 if other == axis else 1 for other in range(3)])
+            for axis in range(3)
+        ]
+        covers[variant] = np.minimum(np.minimum(broadcast[0], broadcast[1]), broadcast[2])
+        # The SM3 guarantee: the cover's minimum bounds every element's sum.
+        assert (covers[variant] >= sum_of_squares * (1 - 1e-5)).all(), variant
+    for axis in range(3):
+        one = slot_values(optimizers["I"], variables["I"])[f"accumulator_{axis}"]
+        two = slot_values(optimizers["II"], variables["II"])[f"accumulator_{axis}"]
+        assert (two <= one * (1 + 1e-6)).all()
+    assert (covers["II"] < covers["I"] * (1 - 1e-3)).any()
+
+
+def test_argument_messages_name_the_range():
+    for kwargs, text in [
+        ({"variant": "III"}, "Argument `variant` must be one of 'I', 'II'; received: variant='III'"),
+        ({"momentum": 1.0}, "Argument `momentum` must be a number in [0, 1); received: momentum=1.0"),
+        ({"beta_2": 0.0}, "Argument `beta_2` must be a number in (0, 1]; received: beta_2=0.0"),
+        ({"epsilon": -1.0}, "Argument `epsilon` must be a number in [0, inf); received: epsilon=-1.0"),
+        ({"learning_rate": 0.0}, "Argument `learning_rate` must be a number in (0, inf)"),
+    ]:
+        with pytest.raises(ValueError) as raised:
+            keras_soma.SM3(**kwargs)
+        assert text in str(raised.value)
+
+
+# ---------------------------------------------------------------------------
+# The row path (tf.IndexedSlices)
+# ---------------------------------------------------------------------------
+
+ROW_CASES = [
+    {},
+    {"variant": "I"},
+    {"momentum": 0.0},
+    {"beta_2": 0.9, "variant": "I"},
+    {"weight_decay": 0.1},
+]
+
+
+def row_stepper(optimizer, variable, mode):
+    import tensorflow as tf
+
+    dense_shape = tf.constant(tuple(variable.shape), "int64")
+
+    def apply(values, indices):
+        gradient = tf.IndexedSlices(values, indices, dense_shape)
+        optimizer.apply([gradient], [variable])
+
+    if mode == "eager":
+        return apply
+    return tf.function(apply)
+
+
+@requires_tensorflow
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("shape", [(40,), (40, 6), (40, 3, 2)], ids=lambda s: f"rank{len(s)}")
+@pytest.mark.parametrize(
+    "case", ROW_CASES, ids=lambda case: "-".join(f"{k}={v}" for k, v in case.items()) or "defaults"
+)
+def test_row_path_matches_its_reference_and_leaves_the_rest_alone(case, shape, mode):
+    rng = np.random.default_rng(4)
+    learning_rate = 0.05
+    initial = rng.standard_normal(shape).astype("float32")
+    variable = keras.Variable(initial)
+    optimizer = keras_soma.SM3(learning_rate=learning_rate, **case)
+    optimizer.build([variable])
+    # Give the state non-zero values first, so that "untouched" means
+    # something for every slot.
+    optimizer.apply([keras.ops.convert_to_tensor(rng.standard_normal(shape).astype("float32"))], [variable])
+    expected_variable = to_numpy(variable).copy()
+    expected_state = slot_values(optimizer, variable)
+    dense_state = {name: value.copy() for name, value in expected_state.items()}
+    dense_variable = expected_variable.copy()
+    step = row_stepper(optimizer, variable, mode)
+    reference_args = {key: value for key, value in case.items() if key != "weight_decay"}
+    touched = set()
+    for _ in range(4):
+        # Repeated rows: their gradients are summed first.
+        indices = rng.choice(np.arange(0, 30), size=7)
+        indices[1] = indices[0]
+        values = rng.standard_normal((7,) + shape[1:]).astype("float32")
+        step(values, indices)
+        touched.update(int(index) for index in indices)
+        expected_variable, expected_state = _reference.sm3_sparse_step(
+            expected_variable,
+            indices,
+            values,
+            expected_state,
+            learning_rate,
+            weight_decay=case.get("weight_decay"),
+            **reference_args,
+        )
+        np.testing.assert_allclose(to_numpy(variable), expected_variable, rtol=2e-6, atol=2e-6)
+        actual_state = slot_values(optimizer, variable)
+        assert sorted(actual_state) == sorted(expected_state)
+        for name, value in expected_state.items():
+            np.testing.assert_allclose(actual_state[name], value, rtol=2e-6, atol=2e-6, err_msg=name)
+    untouched = np.array(sorted(set(range(shape[0])) - touched))
+    assert len(untouched) > 10
+    state = slot_values(optimizer, variable)
+    np.testing.assert_array_equal(to_numpy(variable)[untouched], dense_variable[untouched])
+    for name, value in state.items():
+        if name in ("accumulator", "accumulator_0", "momentum"):
+            np.testing.assert_array_equal(value[untouched], dense_state[name][untouched], err_msg=name)
+        else:
+            # The other axes' accumulators are not part of the row path.
+            np.testing.assert_array_equal(value, dense_state[name], err_msg=name)
+
+
+@requires_tensorflow
+def test_row_path_reads_and_writes_no_full_size_tensor():
+    import tensorflow as tf
+
+    rows = 1009  # a prime no other dimension of the traced step equals
+    variable = keras.Variable(np.zeros((rows, 4), "float32"))
+    optimizer = keras_soma.SM3(learning_rate=0.1)
+    optimizer.build([variable])
+
+    @tf.function
+    def step(values, indices):
+        optimizer.apply([tf.IndexedSlices(values, indices, tf.constant([rows, 4], "int64"))], [variable])
+
+    graph = step.get_concrete_function(
+        tf.TensorSpec((None, 4), "float32"), tf.TensorSpec((None,), "int64")
+    ).graph
+    full_size = [
+        operation.type
+        for operation in graph.get_operations()
+        for output in operation.outputs
+        if output.dtype != tf.resource
+        and output.shape.rank
+        and output.shape[0] == rows
+    ]
+    assert not full_size
+    operation_types = {operation.type for operation in graph.get_operations()}
+    assert "ResourceGather" in operation_types
+    assert "ResourceScatterUpdate" in operation_types
+
+
+@requires_tensorflow
+def test_embedding_gradient_takes_the_row_path():
+    import tensorflow as tf
+
+    model = keras.Sequential(
+        [keras.Input((3,), dtype="int32"), keras.layers.Embedding(50, 4), keras.layers.Flatten(), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer=keras_soma.SM3(learning_rate=0.1), loss="mse")
+    table = model.layers[0].embeddings
+    before = to_numpy(table).copy()
+    inputs = np.array([[1, 2, 3], [3, 4, 1]], "int32")
+    with tf.GradientTape() as tape:
+        loss = keras.ops.mean(model(inputs) ** 2)
+    assert isinstance(tape.gradient(loss, table.value), tf.IndexedSlices)
+    model.fit(inputs, np.ones((2, 1), "float32"), epochs=3, verbose=0)
+    after = to_numpy(table)
+    slots = slot_values(model.optimizer, table)
+    untouched = np.setdiff1d(np.arange(50), inputs)
+    touched = np.unique(inputs)
+    np.testing.assert_array_equal(after[untouched], before[untouched])
+    assert (after[touched] != before[touched]).any(axis=1).all()
+    assert not slots["accumulator_0"][untouched].any()
+    assert (slots["accumulator_0"][touched] > 0).all()
+    assert not slots["accumulator_1"].any()  # the column cover stays unused
+
+
+@requires_tensorflow
+def test_row_path_skips_nonfinite_steps():
+    import tensorflow as tf
+
+    variable = keras.Variable(np.ones((10, 3), "float32"))
+    optimizer = keras_soma.SM3(learning_rate=0.1, skip_nonfinite=True)
+    optimizer.build([variable])
+    values = np.ones((2, 3), "float32")
+    values[1, 2] = np.nan
+    optimizer.apply([tf.IndexedSlices(tf.constant(values), tf.constant([1, 4]))], [variable])
+    np.testing.assert_array_equal(to_numpy(variable), np.ones((10, 3)))
+    assert int(to_numpy(optimizer.skipped_steps)) == 1
+    for name, value in slot_values(optimizer, variable).items():
+        assert not value.any(), name
