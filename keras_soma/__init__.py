@@ -12,12 +12,14 @@ model.compile(optimizer=keras_soma.Soma(), loss=..., metrics=[...])
 * `schedules.WarmupCooldown`: warm-up / cool-down learning-rate schedule.
 * `PolyakAveraging`: a callback keeping averaged weights for evaluation
   and serving, with any optimizer.
+* `monitoring.SkippedSteps`: the steps `skip_nonfinite=True` skipped, as a
+  metric in fit's logs; `memory.state_bytes_per_parameter` measures state.
 
 Importing the package registers every class with Keras's serialization, so
 `.keras` files that use them load without `custom_objects`.
 """
 
-from keras_soma import schedules
+from keras_soma import memory, monitoring, schedules
 from keras_soma.callbacks import PolyakAveraging
 from keras_soma.gradsign import GradSign
 from keras_soma.sm3 import SM3
@@ -25,4 +27,12 @@ from keras_soma.soma import Soma
 
 __version__ = "0.1.0"
 
-__all__ = ["GradSign", "PolyakAveraging", "SM3", "Soma", "schedules"]
+__all__ = [
+    "GradSign",
+    "PolyakAveraging",
+    "SM3",
+    "Soma",
+    "memory",
+    "monitoring",
+    "schedules",
+]

@@ -176,6 +176,18 @@ def nan_safe_sign(values, dtype):
     return ops.subtract(positive, negative)
 
 
+# Largest finite float16; float32 and bfloat16 share float32's range.
+FLOAT16_MAX = 65504.0
+
+
+def saturating_cast(values, dtype):
+    """Casts float32 `values` to `dtype`; for float16, finite values
+    beyond its range become +-65504 instead of +-Inf."""
+    if keras.backend.standardize_dtype(dtype) == "float16":
+        values = ops.clip(values, -FLOAT16_MAX, FLOAT16_MAX)
+    return ops.cast(values, dtype)
+
+
 def all_finite(tensors: Iterable[Any]):
     """A scalar boolean tensor: True when every element of every tensor is
     finite (gradients given as `None` are ignored)."""
