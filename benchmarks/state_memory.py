@@ -54,7 +54,7 @@ def main():
         for model in models.values():
             optimizer = factory()
             optimizer.build(model.trainable_variables)
-            cells.append(f"{state_bytes_per_parameter(optimizer, model.trainable_variables):.3f}")
+            cells.append(f"{state_bytes_per_parameter(optimizer, model.trainable_variables):.4f}")
         print(f"| {label} | " + " | ".join(cells) + " |")
     print(f"\nKeras {keras.__version__}, {keras.backend.backend()} backend.")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -260,6 +261,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks (median taken)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--skip-small", action="store_true", help="skip the CNN-variables case")
+    parser.add_argument(
+        "--output", default=None, help="also write the tables and target checks to this Markdown file"
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be >= 1")
@@ -267,10 +271,20 @@ def main(argv=None):
     xla_modes = [False, True] if BACKEND == "tensorflow" else [True]
     baselines = ["Keras Lion", "Keras Adam", "Keras Adagrad", "Keras SGD"]
     import platform
+    import shlex
 
-    print(
-        f"Keras {keras.__version__}, {BACKEND} backend, {platform.machine()}, "
-        f"{os.cpu_count()} CPU cores; median of {args.repeats} x {args.steps} steps.\n"
+    report = []
+
+    def emit(text=""):
+        print(text, flush=True)
+        report.append(text)
+
+    command = "python " + " ".join(shlex.quote(part) for part in ["benchmarks/step_speed.py", *sys.argv[1:]])
+    if BACKEND != "tensorflow":
+        command = f"KERAS_BACKEND={BACKEND} {command}"
+    emit(
+        f"Produced by `{command}`: Keras {keras.__version__}, {BACKEND} backend, "
+        f"{platform.machine()}, {os.cpu_count()} CPU cores; median of {args.repeats} x {args.steps} steps.\n"
     )
     problems = [("16.8M parameters in four 2048 x 2048 matrices", LARGE_SHAPES, args.dtypes)]
     if not args.skip_small:
@@ -288,11 +302,14 @@ def main(argv=None):
                         flush=True,
                     )
                     rows.append(row)
-        print(f"\n### {title}\n\n{format_rows(rows, baselines)}\n", flush=True)
+        emit(f"\n#### {title}\n\n{format_rows(rows, baselines)}\n")
         all_rows.append(rows)
-    print("Targets (16.8M float32 parameters, default XLA setting):")
+    emit("Targets (16.8M float32 parameters, default XLA setting):\n")
     for line in check_targets(all_rows[0]):
-        print("  " + line)
+        emit("- " + line)
+    if args.output:
+        with open(args.output, "w") as handle:
+            handle.write("\n".join(report) + "\n")
 
 
 if __name__ == "__main__":
