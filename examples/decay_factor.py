@@ -11,7 +11,7 @@ exponential moving average with factor 0.95 as in the paper),
 `decay_factor.md` and `decay_factor.csv` (final smoothed loss, test
 accuracy, seconds per epoch, state bytes per parameter) to `--output-dir`.
 
-Run time on a 2-core laptop CPU: 20-30 seconds per decay factor for the
+Run time on a 2-core laptop CPU: under a minute per decay factor for the
 full 5 epochs; `--epochs 1 --steps-per-epoch 50` takes seconds (plus about
 10 s to decode the dataset once).
 

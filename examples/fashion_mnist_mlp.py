@@ -7,9 +7,9 @@ exponential moving average with factor 0.95 as in the paper), `mlp.md` and
 `mlp.csv` (final smoothed loss, test accuracy, seconds per epoch, optimizer
 state bytes per parameter) to `--output-dir`.
 
-Run time on a 2-core laptop CPU: 20-30 seconds per optimizer for the full
-5 epochs; `--epochs 1 --steps-per-epoch 50` takes seconds (plus about 10 s
-to decode the dataset once).
+Run time on a 2-core laptop CPU: under a minute per optimizer for the full
+5 epochs, about 7 minutes for all seven; `--epochs 1 --steps-per-epoch 50`
+takes seconds (plus about 10 s to decode the dataset once).
 
     python examples/fashion_mnist_mlp.py                       # all optimizers
     python examples/fashion_mnist_mlp.py --optimizer soma adam
