@@ -31,6 +31,10 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
     # Maps slot name -> attribute holding the per-variable list of state
     # variables (index-aligned with the trainable variables).
     _slot_attributes: Dict[str, str] = {}
+    # Whether the optimizer offers the `lazy_sparse_updates` choice (its
+    # state is all of its variable's shape, so `update_with` can take the
+    # row path for it).
+    _offers_lazy_sparse_updates: bool = False
 
     def __init__(
         self,
@@ -38,9 +42,23 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         name: str,
         skip_nonfinite: bool = False,
         fused: Optional[bool] = None,
+        lazy_sparse_updates: Optional[bool] = None,
         **kwargs,
     ):
         _common.check_learning_rate(learning_rate)
+        if self._offers_lazy_sparse_updates:
+            if not isinstance(lazy_sparse_updates, bool):
+                raise ValueError(
+                    "Argument `lazy_sparse_updates` must be a bool (True or "
+                    "False); received: "
+                    f"lazy_sparse_updates={lazy_sparse_updates!r}"
+                )
+        elif lazy_sparse_updates is not None:
+            raise ValueError(
+                f"{type(self).__name__} has no argument `lazy_sparse_updates` "
+                "(it has one way of applying row-sliced gradients); "
+                f"received: lazy_sparse_updates={lazy_sparse_updates!r}"
+            )
         if not isinstance(skip_nonfinite, bool):
             raise ValueError(
                 "Argument `skip_nonfinite` must be a bool (True or False); "
@@ -54,6 +72,11 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.skip_nonfinite = skip_nonfinite
         self.fused = fused
+        self.lazy_sparse_updates = lazy_sparse_updates
+        self._kernel_batch = _KernelBatch()
+        # id(state variable) -> the dtype it stands for, for state stored
+        # in a wider dtype (see `add_slot`).
+        self._stored_wider = {}
 
     # ------------------------------------------------------------------
     # State
@@ -65,7 +88,7 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         super().build(var_list)
         if self.skip_nonfinite:
             self._skipped_steps = self.add_variable(
-                shape=(), dtype="int64", name="skipped_steps"
+                shape=(), dtype="int32", name="skipped_steps"
             )
 
     def add_slot(
@@ -84,8 +107,14 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         per-axis shape) the tensor is created colocated with the variable
         under tf.distribute, and with `layout` ("follow" copies the
         variable's layout; pass a layout, or None, for per-axis state).
+
+        Under MultiWorkerMirroredStrategy with more than one worker, state
+        of a dtype TensorFlow cannot broadcast between workers (int8,
+        bfloat16) is stored in a wider dtype that holds its every value
+        (int32, float32); the update still reads and rounds it as `dtype`,
+        so the numbers are those of `dtype`.
         """
-        dtype = dtype or variable.dtype
+        dtype = keras.backend.standardize_dtype(dtype or variable.dtype)
         shape = tuple(variable.shape) if shape is None else tuple(shape)
         if (
             keras.backend.standardize_dtype(dtype)
@@ -98,14 +127,18 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
             )
         if layout == "follow":
             layout = _common.variable_layout(variable)
+        storage_dtype = _storage_dtype(dtype)
         with _colocated_with(variable):
-            return self.add_variable(
+            state = self.add_variable(
                 shape=shape,
                 initializer=initializer,
-                dtype=dtype,
+                dtype=storage_dtype,
                 layout=layout,
                 name=_common.state_name(variable, slot),
             )
+        if storage_dtype != dtype:
+            self._stored_wider[id(state)] = dtype
+        return state
 
     def get_slots(self, variable) -> Dict[str, Any]:
         """The optimizer state of one trainable variable, by slot name.
@@ -139,7 +172,7 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
 
     @property
     def skipped_steps(self):
-        """How many steps `skip_nonfinite=True` has skipped (an int64
+        """How many steps `skip_nonfinite=True` has skipped (an int32
         variable), or None when the option is off."""
         return getattr(self, "_skipped_steps", None)
 
@@ -168,7 +201,7 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
             self._step_is_finite = None
         self.assign_add(
             self._skipped_steps,
-            ops.cast(ops.logical_not(finite), "int64"),
+            ops.cast(ops.logical_not(finite), "int32"),
         )
 
     def _finite_flag(self):
@@ -188,14 +221,25 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         `step_fn(value, gradient, *slot_values, learning_rate,
         *hyperparameters)` returns `(new_value, *new_slot_values)`.
         Gradients given as tf.IndexedSlices are made dense first (the
-        optimizers with a row path handle them before calling this).
+        optimizers with a row path handle them before calling this), or,
+        with `lazy_sparse_updates=True`, go to `update_rows_with` (every
+        slot must then have the variable's rows as its first dimension).
         """
+        if self.lazy_sparse_updates and _sparse.is_row_sliced(gradient):
+            self.update_rows_with(
+                step_fn, variable, gradient, slots, learning_rate, hyperparameters
+            )
+            return
         gradient = _sparse.densify(gradient)
         learning_rate = ops.cast(learning_rate, variable.dtype)
         targets = [variable, *slots]
         compute = self._step_computation(step_fn, targets, hyperparameters)
         if self._use_fused_kernel():
-            _fused.update(targets, compute, gradient, learning_rate)
+            kernel = (targets, compute, gradient, learning_rate)
+            if self._kernel_batch.collecting:
+                self._kernel_batch.kernels.append(kernel)
+            else:
+                _fused.update_many([kernel])
             return
         values = [ops.convert_to_tensor(target) for target in targets]
         for target, result in zip(targets, compute(values, gradient, learning_rate)):
@@ -236,8 +280,12 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         non-finite step, cast to the dtypes of `targets`."""
         finite = self._finite_flag()
         weight_decay = self._weight_decay_for(targets[0])
+        dtypes = [
+            self._stored_wider.get(id(target), target.dtype) for target in targets
+        ]
 
         def compute(values, gradient, learning_rate):
+            values = [ops.cast(value, dtype) for value, dtype in zip(values, dtypes)]
             value = values[0]
             if weight_decay is not None:
                 # Decoupled decay, as Keras applies it before the update,
@@ -255,8 +303,8 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
                     for new, old in zip(results, values)
                 ]
             return [
-                ops.cast(result, target.dtype)
-                for result, target in zip(results, targets)
+                ops.cast(ops.cast(result, dtype), target.dtype)
+                for result, dtype, target in zip(results, dtypes, targets)
             ]
 
         return compute
@@ -273,17 +321,89 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         # `skip_nonfinite` leave a skipped step's weights untouched.
         return
 
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        # Where fused kernels are used, the updates of all variables of a
+        # step are collected and compiled into one XLA function: one launch
+        # per step instead of one per variable, which is what matters for
+        # models of many small variables.
+        if not self._use_fused_kernel():
+            return super()._backend_update_step(
+                grads, trainable_variables, learning_rate
+            )
+        self._kernel_batch.collecting = True
+        try:
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+            kernels = self._kernel_batch.kernels
+        finally:
+            self._kernel_batch.reset()
+        if kernels:
+            _fused.update_many(kernels)
+
     def _use_fused_kernel(self) -> bool:
         if self.fused is False:
             return False
         return _fused.available()
+
+    def load_own_variables(self, store):
+        """Loads saved state, refusing anything that does not fit.
+
+        Keras's default only warns and skips the optimizer when the number
+        of saved variables differs, and would silently cast state saved by
+        another optimizer with the same count. Here a different count,
+        shape or dtype raises a ValueError before anything is assigned, so
+        the state is either loaded whole or left as it was.
+        """
+        variables = self.variables
+        if len(store.keys()) != len(variables):
+            raise ValueError(
+                f"Cannot load optimizer state into {type(self).__name__} "
+                f"{self.name!r}: it has {len(variables)} variables but the "
+                f"saved state has {len(store.keys())}. The state was saved by "
+                "a different optimizer, for a different model, or before the "
+                "optimizer was built. Build this optimizer on the model's "
+                "trainable variables, or load the model without its "
+                "optimizer state (`compile=False`)."
+            )
+        values = [store[str(index)] for index in range(len(variables))]
+        for variable, value in zip(variables, values):
+            expected = (
+                tuple(variable.shape),
+                keras.backend.standardize_dtype(variable.dtype),
+            )
+            received = (
+                tuple(value.shape),
+                keras.backend.standardize_dtype(value.dtype),
+            )
+            if expected != received:
+                raise ValueError(
+                    f"Cannot load optimizer state into {type(self).__name__} "
+                    f"{self.name!r}: variable {variable.path!r} has shape and "
+                    f"dtype {expected}, the saved value has {received}. The "
+                    "state was saved by a different optimizer or for "
+                    "different shapes; nothing was loaded."
+                )
+        for variable, value in zip(variables, values):
+            variable.assign(value)
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {"skip_nonfinite": self.skip_nonfinite, "fused": self.fused}
         )
+        if self._offers_lazy_sparse_updates:
+            config["lazy_sparse_updates"] = self.lazy_sparse_updates
         return config
+
+
+class _KernelBatch:
+    """The fused updates collected during one `_backend_update_step`."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.collecting = False
+        self.kernels = []
 
 
 class _NullContext:
@@ -292,6 +412,40 @@ class _NullContext:
 
     def __exit__(self, *exc):
         return False
+
+
+# The dtypes TensorFlow's collective broadcast carries. With more than one
+# worker, MultiWorkerMirroredStrategy broadcasts every new variable's
+# initial value from the chief with it, and cannot create others.
+_BROADCAST_DTYPES = ("bool", "float16", "float32", "float64", "int32", "int64")
+
+
+def multi_worker_storage_dtype(dtype: str) -> str:
+    """The dtype state of `dtype` is stored in under MultiWorkerMirroredStrategy
+    with more than one worker: `dtype` itself if TensorFlow can broadcast
+    it, else the wider dtype that holds its values (int32 for integers,
+    float32 for bfloat16)."""
+    if dtype in _BROADCAST_DTYPES:
+        return dtype
+    return "int32" if "int" in dtype else "float32"
+
+
+def _storage_dtype(dtype: str) -> str:
+    """`dtype`, or `multi_worker_storage_dtype(dtype)` where the current
+    tf.distribute strategy cannot create a variable of `dtype`."""
+    if keras.backend.backend() != "tensorflow" or dtype in _BROADCAST_DTYPES:
+        return dtype
+    import tensorflow as tf
+
+    if not tf.distribute.has_strategy():
+        return dtype
+    strategy = tf.distribute.get_strategy()
+    multi_worker = isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    ) and strategy.num_replicas_in_sync > len(strategy.extended.worker_devices)
+    if not multi_worker:
+        return dtype
+    return multi_worker_storage_dtype(dtype)
 
 
 def _colocated_with(variable):

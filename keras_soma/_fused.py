@@ -3,10 +3,11 @@
 Keras runs `update_step` as a chain of separate ops whenever XLA is off,
 and its default `jit_compile="auto"` turns XLA off on CPU. Every op of the
 chain reads and writes a full-size temporary, so an element-wise update
-costs several times the bytes it has to move. Here the update of one
-variable (read the variable, its gradient and state; write the variable
-and state) is traced into a `tf.function(jit_compile=True)` nested in
-Keras's train function, which XLA compiles into one loop.
+costs several times the bytes it has to move. Here the updates of all
+variables of a step (read each variable, its gradient and state; write the
+variable and state) are traced into one `tf.function(jit_compile=True)`
+nested in Keras's train function, which XLA compiles into one loop per
+variable and one launch per step.
 
 Used only where it is known to help and to be safe: the TensorFlow
 backend, inside a traced function (in eager mode a new kernel per call
@@ -45,30 +46,37 @@ def _op_determinism_enabled() -> bool:
     return bool(is_op_determinism_enabled())
 
 
-def update(targets, compute, gradient, learning_rate) -> None:
-    """Reads `targets`, runs `compute` and assigns the results, in one
-    XLA-compiled function.
+def update_many(kernels) -> None:
+    """Reads, computes and assigns several updates in one XLA function.
 
     Args:
-        targets: Keras variables to read and then overwrite, in order.
-        compute: `compute(values, gradient, learning_rate)` returning the
-            new values of `targets` (already cast to their dtypes).
-        gradient: dense gradient tensor.
-        learning_rate: scalar tensor.
+        kernels: `(targets, compute, gradient, learning_rate)` tuples:
+            `targets` are Keras variables to read and then overwrite, in
+            order; `compute(values, gradient, learning_rate)` returns their
+            new values (already cast to their dtypes); `gradient` is a
+            dense tensor and `learning_rate` a scalar tensor.
     """
     import tensorflow as tf
 
     natives = [
-        target.value if isinstance(target, keras.Variable) else target
-        for target in targets
+        [
+            target.value if isinstance(target, keras.Variable) else target
+            for target in targets
+        ]
+        for targets, _, _, _ in kernels
     ]
+    computes = [compute for _, compute, _, _ in kernels]
 
-    def kernel(gradient, learning_rate):
-        values = [native.read_value() for native in natives]
-        results = compute(values, gradient, learning_rate)
-        for native, result in zip(natives, results):
-            native.assign(result)
+    def kernel(gradients, learning_rates):
+        for variables, compute, gradient, learning_rate in zip(
+            natives, computes, gradients, learning_rates
+        ):
+            values = [variable.read_value() for variable in variables]
+            results = compute(values, gradient, learning_rate)
+            for variable, result in zip(variables, results):
+                variable.assign(result)
 
     tf.function(kernel, jit_compile=True, autograph=False)(
-        gradient, learning_rate
+        [gradient for _, _, gradient, _ in kernels],
+        [learning_rate for _, _, _, learning_rate in kernels],
     )

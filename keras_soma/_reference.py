@@ -86,6 +86,8 @@ def soma_step(
     average = state["momentum"].astype(np.float32) * np.float32(
         momentum
     ) + gradient.astype(np.float32) * np.float32(1.0 - momentum)
+    if state["momentum"].dtype == np.float16:  # saturate, keep the sign
+        average = np.clip(average, -65504.0, 65504.0)
     average = average.astype(state["momentum"].dtype)
     step = _cast_learning_rate(learning_rate, dtype) * np.sign(
         average.astype(dtype)
@@ -303,3 +305,76 @@ def sm3_sparse_step(
     if new_momentum_rows is not None:
         new_state["momentum"][rows] = new_momentum_rows
     return new_variable, new_state
+
+
+# ---------------------------------------------------------------------------
+# Lazy row steps of the sign optimizers (`lazy_sparse_updates=True`)
+# ---------------------------------------------------------------------------
+
+
+def summed_rows(indices: np.ndarray, values: np.ndarray):
+    """`(rows, summed)`: each row index of a row-sliced gradient once, in
+    increasing order, with the sum of the gradients given for it."""
+    rows = np.unique(indices)
+    summed = np.zeros((len(rows),) + values.shape[1:], values.dtype)
+    np.add.at(summed, np.searchsorted(rows, indices), values)
+    return rows, summed
+
+
+def _lazy_rows_step(
+    step, variable, indices, values, state, learning_rate, weight_decay, **hyperparameters
+):
+    """An element-wise `step` applied to the rows present and nothing else."""
+    rows, summed = summed_rows(indices, values)
+    new_rows, new_row_state = step(
+        variable[rows],
+        summed,
+        {name: array[rows] for name, array in state.items()},
+        learning_rate,
+        weight_decay,
+        **hyperparameters,
+    )
+    new_variable = variable.copy()
+    new_variable[rows] = new_rows
+    new_state = {name: array.copy() for name, array in state.items()}
+    for name, array in new_row_state.items():
+        new_state[name][rows] = array
+    return new_variable, new_state
+
+
+def soma_sparse_step(
+    variable: np.ndarray,
+    indices: np.ndarray,
+    values: np.ndarray,
+    state: State,
+    learning_rate: float,
+    weight_decay: Optional[float] = None,
+    momentum: float = 0.95,
+    momentum_dtype: str = "float32",
+) -> Tuple[np.ndarray, State]:
+    """Soma with `lazy_sparse_updates=True` on a row-sliced gradient
+    (`values[i]` is the gradient of row `indices[i]`; repeated rows are
+    summed): `soma_step` on the rows present; every other row of the
+    variable and of the momentum is left exactly as it was (no decay of
+    the average, no move, no weight decay)."""
+    return _lazy_rows_step(
+        soma_step, variable, indices, values, state, learning_rate, weight_decay,
+        momentum=momentum, momentum_dtype=momentum_dtype,
+    )
+
+
+def gradsign_sparse_step(
+    variable: np.ndarray,
+    indices: np.ndarray,
+    values: np.ndarray,
+    state: State,
+    learning_rate: float,
+    weight_decay: Optional[float] = None,
+) -> Tuple[np.ndarray, State]:
+    """GradSign with `lazy_sparse_updates=True` on a row-sliced gradient:
+    `gradsign_step` on the rows present (repeated rows summed first);
+    every other row of the variable and of the counter is left exactly as
+    it was."""
+    return _lazy_rows_step(
+        gradsign_step, variable, indices, values, state, learning_rate, weight_decay
+    )

@@ -19,15 +19,17 @@ COUNTER_MIN = -61
 def gradsign_update(value, gradient, counter, learning_rate):
     """One GradSign step as a pure function of tensors.
 
-    The counter is decayed with time scale 8 (integer arithmetic, in int32
-    for the computation and stored as int8), the gradient's sign is added
+    The counter is decayed with time scale 8 (integer arithmetic, in
+    int8), the gradient's sign is added
     with weight 8, and the variable moves by `learning_rate * c / 64`.
     """
-    count = ops.cast(counter, "int32")
-    # floor((c + 4) / 8) as an arithmetic shift: the same for negative c in
-    # two's complement, and much cheaper than an integer division.
+    # Computed in int8 itself: every intermediate of a reachable counter
+    # (c + 4 <= 64, the result within [-61, 60]) fits, and int8 arithmetic
+    # is what vectorizes best. floor((c + 4) / 8) is an arithmetic shift:
+    # the same for negative c in two's complement, and no division.
+    count = ops.cast(counter, "int8")
     count = ops.subtract(count, ops.right_shift(ops.add(count, 4), 3))
-    count = ops.add(count, ops.multiply(_common.nan_safe_sign(gradient, "int32"), 8))
+    count = ops.add(count, ops.multiply(_common.nan_safe_sign(gradient, "int8"), 8))
     averaged_sign = ops.divide(ops.cast(count, value.dtype), COUNTER_SCALE)
     return ops.subtract(value, ops.multiply(learning_rate, averaged_sign)), count
 
@@ -76,6 +78,17 @@ class GradSign(KerasSomaOptimizer):
         fused: Bool or `None`. `None` runs each variable's update as one
             XLA kernel on TensorFlow where that is safe, `False` always
             runs it op by op. Defaults to `None`.
+        lazy_sparse_updates: Bool. How a row-sliced gradient (the
+            `tf.IndexedSlices` an `Embedding` layer gets on TensorFlow;
+            JAX's gradients are always dense) is applied. `False` applies
+            the dense gradient it stands for: every row's counter decays
+            towards 0, so a row with no gradient this step still moves by
+            `learning_rate * c / 64` with its decayed counter. `True` reads
+            and writes only the rows present (a row named more than once
+            gets the sum of its gradients): the other rows keep their
+            weights and counters, weight decay included, and a step costs
+            time in proportion to those rows rather than to the table.
+            Defaults to `False`.
         {{base_optimizer_keyword_args}}
 
     References:
@@ -86,12 +99,14 @@ class GradSign(KerasSomaOptimizer):
     """
 
     _slot_attributes = {"sign_counter": "_sign_counters"}
+    _offers_lazy_sparse_updates = True
 
     def __init__(
         self,
         learning_rate=3e-4,
         skip_nonfinite: bool = False,
         fused=None,
+        lazy_sparse_updates: bool = False,
         name="gradsign",
         **kwargs,
     ):
@@ -100,6 +115,7 @@ class GradSign(KerasSomaOptimizer):
             name=name,
             skip_nonfinite=skip_nonfinite,
             fused=fused,
+            lazy_sparse_updates=lazy_sparse_updates,
             **kwargs,
         )
 

@@ -72,6 +72,17 @@ class Soma(KerasSomaOptimizer):
             XLA kernel on TensorFlow where that is safe (see the
             performance page), `False` always runs it op by op. The numbers
             are the same. Defaults to `None`.
+        lazy_sparse_updates: Bool. How a row-sliced gradient (the
+            `tf.IndexedSlices` an `Embedding` layer gets on TensorFlow;
+            JAX's gradients are always dense) is applied. `False` applies
+            the dense gradient it stands for: every row's average decays,
+            so a row with no gradient this step still moves by
+            `learning_rate` times the sign of its (decayed) average.
+            `True` reads and writes only the rows present (a row named
+            more than once gets the sum of its gradients): the other rows
+            keep their weights and averages, weight decay included, and a
+            step costs time in proportion to those rows rather than to the
+            table. Defaults to `False`.
         {{base_optimizer_keyword_args}}
 
     References:
@@ -82,6 +93,7 @@ class Soma(KerasSomaOptimizer):
     """
 
     _slot_attributes = {"momentum": "_momentums"}
+    _offers_lazy_sparse_updates = True
 
     def __init__(
         self,
@@ -90,6 +102,7 @@ class Soma(KerasSomaOptimizer):
         momentum_dtype: str = "float32",
         skip_nonfinite: bool = False,
         fused=None,
+        lazy_sparse_updates: bool = False,
         name="soma",
         **kwargs,
     ):
@@ -104,6 +117,7 @@ class Soma(KerasSomaOptimizer):
             name=name,
             skip_nonfinite=skip_nonfinite,
             fused=fused,
+            lazy_sparse_updates=lazy_sparse_updates,
             **kwargs,
         )
         self.momentum = momentum

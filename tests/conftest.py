@@ -4,6 +4,10 @@ Keras state (dtype policy, random seed) around every test."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Two host devices for the keras.distribution tests on JAX. XLA reads the
+# flag when JAX first sets up its CPU backend, so it is set before anything
+# imports JAX; TensorFlow ignores it (its tests split the CPU below).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

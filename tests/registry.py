@@ -9,7 +9,7 @@ the contract suite (`test_contract.py`) and the reference tests
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import keras_soma
 from keras_soma import _reference
@@ -37,6 +37,18 @@ class OptimizerSpec:
     bad_arguments: List[Tuple[Dict[str, Any], str]]
     # Non-default constructor arguments for config round trips.
     config_case: Dict[str, Any]
+    # Numeric arguments besides learning_rate and their valid ranges,
+    # (low, high, low_inclusive, high_inclusive): property tests draw
+    # values on both sides.
+    argument_ranges: Dict[str, Tuple[float, float, bool, bool]] = dataclasses.field(
+        default_factory=dict
+    )
+    # The numpy reference of the row path for a tf.IndexedSlices gradient,
+    # step(variable, indices, values, state, learning_rate, weight_decay,
+    # **hyper), and the constructor arguments that select that path; None
+    # where the optimizer has no row path.
+    sparse_reference_step: Optional[Callable] = None
+    sparse_arguments: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -81,8 +93,17 @@ register(
             ({"momentum": "high"}, "momentum"),
             ({"momentum_dtype": "int8"}, "momentum_dtype"),
             ({"momentum_dtype": "float64x"}, "momentum_dtype"),
+            ({"lazy_sparse_updates": "yes"}, "lazy_sparse_updates"),
         ],
-        config_case={"learning_rate": 3e-3, "momentum": 0.8, "momentum_dtype": "bfloat16"},
+        config_case={
+            "learning_rate": 3e-3,
+            "momentum": 0.8,
+            "momentum_dtype": "bfloat16",
+            "lazy_sparse_updates": True,
+        },
+        argument_ranges={"momentum": (0.0, 1.0, True, False)},
+        sparse_reference_step=_reference.soma_sparse_step,
+        sparse_arguments={"lazy_sparse_updates": True},
     )
 )
 
@@ -94,11 +115,17 @@ register(
         reference_cases=[{}],
         fit_learning_rate=1e-2,
         bytes_per_parameter=[({}, 1.0)],
-        bad_arguments=COMMON_BAD_ARGUMENTS,
-        config_case={"learning_rate": 3e-3, "skip_nonfinite": True},
+        bad_arguments=COMMON_BAD_ARGUMENTS
+        + [({"lazy_sparse_updates": 1}, "lazy_sparse_updates")],
+        config_case={
+            "learning_rate": 3e-3,
+            "skip_nonfinite": True,
+            "lazy_sparse_updates": True,
+        },
+        sparse_reference_step=_reference.gradsign_sparse_step,
+        sparse_arguments={"lazy_sparse_updates": True},
     )
 )
-
 
 # SM3 with momentum=0 on the MLP: float32 accumulators of 784 + 128 and
 # 128 + 64 and 64 + 10 numbers for the kernels, 128, 64 and 10 for the
@@ -144,6 +171,8 @@ register(
             "epsilon": 1e-8,
             "variant": "I",
         },
+        # SM3 always takes its row path.
+        sparse_reference_step=_reference.sm3_sparse_step,
     )
 )
 
