@@ -486,14 +486,18 @@ class _AveragingState(keras.layers.Layer):
     def __init__(self, model):
         super().__init__(name="polyak_averaging", trainable=False)
         model_variables = list(model.trainable_variables)
+        # Each average takes its weight's sharding layout (the Keras
+        # distribution API on JAX), so it is split across devices like the
+        # weight; under tf.distribute the strategy scope mirrors it.
         self.averages = [
-            self.add_weight(
+            keras.Variable(
+                initializer="zeros",
                 shape=tuple(variable.shape),
                 dtype=variable.dtype,
-                initializer="zeros",
                 trainable=False,
                 autocast=False,
                 name=f"average_{index}",
+                layout=_common.variable_layout(variable),
             )
             for index, variable in enumerate(model_variables)
         ]

@@ -618,3 +618,27 @@ def test_jax_distributed_training_equals_one_device(spec, arguments, kind):
         assert_values_close(to_numpy(actual), to_numpy(expected), actual.path)
     for actual, expected in zip(optimizer.variables, single.optimizer.variables):
         assert_values_close(to_numpy(actual), to_numpy(expected), actual.path)
+
+
+@requires_jax
+@pytest.mark.parametrize("kind", DISTRIBUTIONS)
+def test_jax_polyak_averages_carry_their_weights_layout(kind):
+    import keras_soma
+
+    inputs, targets = regression_data(outputs=4)
+    distribution = jax_distribution(kind)
+    with distribution.scope():
+        model = jax_model()
+        model.compile(optimizer=keras_soma.Soma(learning_rate=1e-2), loss="mse")
+        averaging = keras_soma.PolyakAveraging(decay=0.9)
+        model.fit(
+            inputs, targets, batch_size=16, epochs=1, shuffle=False, verbose=0,
+            callbacks=[averaging],
+        )
+    if kind == "model_parallel":
+        assert_model_parallel_layouts_applied(model)
+    assert averaging.num_updates == 4
+    for weight, average in zip(model.trainable_variables, averaging.averages):
+        assert sharding_of(average).is_equivalent_to(
+            sharding_of(weight), len(weight.shape)
+        ), (weight.path, sharding_of(average), sharding_of(weight))
