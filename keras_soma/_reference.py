@@ -263,6 +263,15 @@ def sm3_step(
     return new_variable, new_state
 
 
+def summed_rows(indices: np.ndarray, values: np.ndarray):
+    """`(rows, summed)`: each row index of a row-sliced gradient once, in
+    increasing order, with the sum of the gradients given for it."""
+    rows = np.unique(indices)
+    summed = np.zeros((len(rows),) + values.shape[1:], values.dtype)
+    np.add.at(summed, np.searchsorted(rows, indices), values)
+    return rows, summed
+
+
 def sm3_sparse_step(
     variable: np.ndarray,
     indices: np.ndarray,
@@ -284,9 +293,7 @@ def sm3_sparse_step(
     untouched row of the variable, the accumulator and the momentum, are
     left exactly as they were (no decay, no weight decay, no momentum).
     """
-    rows = np.unique(indices)
-    summed = np.zeros((len(rows),) + variable.shape[1:], values.dtype)
-    np.add.at(summed, np.searchsorted(rows, indices), values)
+    rows, summed = summed_rows(indices, values)
     row_name = "accumulator_0" if variable.ndim >= 2 else "accumulator"
     touched = apply_weight_decay(variable[rows], learning_rate, weight_decay)
     with np.errstate(over="ignore"):
@@ -310,15 +317,6 @@ def sm3_sparse_step(
 # ---------------------------------------------------------------------------
 # Lazy row steps of the sign optimizers (`lazy_sparse_updates=True`)
 # ---------------------------------------------------------------------------
-
-
-def summed_rows(indices: np.ndarray, values: np.ndarray):
-    """`(rows, summed)`: each row index of a row-sliced gradient once, in
-    increasing order, with the sum of the gradients given for it."""
-    rows = np.unique(indices)
-    summed = np.zeros((len(rows),) + values.shape[1:], values.dtype)
-    np.add.at(summed, np.searchsorted(rows, indices), values)
-    return rows, summed
 
 
 def _lazy_rows_step(
