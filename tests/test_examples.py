@@ -22,7 +22,6 @@ import sys
 
 import pytest
 
-import keras_soma
 from registry import REGISTRY
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,10 +197,6 @@ def test_decay_factor_short(common, data_dir, tmp_path):
     assert [float(row["momentum"]) for row in rows] == [0.5, 0.999]
 
 
-@pytest.mark.skipif(
-    not hasattr(keras_soma, "PolyakAveraging") or not hasattr(keras_soma, "SM3"),
-    reason="needs keras_soma.SM3 and keras_soma.PolyakAveraging",
-)
 def test_sm3_polyak_serving_short(common, data_dir, tmp_path):
     export_dir = tmp_path / "served"
     example = load_example("sm3_polyak_serving")
