@@ -548,3 +548,75 @@ def write_outputs(
     plt.close(figure)
     write_tables(rows, paths, title, command, columns)
     return paths
+
+
+# ---------------------------------------------------------------------------
+# The optimizer comparisons of the paper's Fig. 1 (MLP) and Fig. 2 (CNN)
+# ---------------------------------------------------------------------------
+
+COMPARISON_EPOCHS = 5
+COMPARISON_BATCH_SIZE = 64
+COMPARISON_SEED = 0
+COMPARISON_OUTPUT_DIR = "results"
+COMPARISON_OPTIMIZERS = [
+    name
+    for name in ("soma", "gradsign", "sm3", "adam", "adagrad", "rmsprop", "sgd")
+    if name in OPTIMIZERS
+]
+
+
+def parse_comparison_args(description: str, argv=None):
+    """Arguments of a comparison script: `--optimizer` (one or more, each at
+    its defaults), `--learning-rate`, and the common ones."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--optimizer",
+        nargs="+",
+        default=COMPARISON_OPTIMIZERS,
+        choices=sorted(OPTIMIZERS),
+        help="one or more optimizers, each at its defaults; "
+        f"default: {' '.join(COMPARISON_OPTIMIZERS)}",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="override every optimizer's default learning rate",
+    )
+    add_common_arguments(
+        parser,
+        COMPARISON_EPOCHS,
+        COMPARISON_BATCH_SIZE,
+        COMPARISON_SEED,
+        COMPARISON_OUTPUT_DIR,
+    )
+    args = parser.parse_args(argv)
+    check_common_arguments(parser, args)
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        parser.error(f"--learning-rate must be > 0; received {args.learning_rate}")
+    return args
+
+
+def run_comparison(args, build_model, stem: str, model_title: str, script: str, argv=None):
+    """Trains `build_model()` with each chosen optimizer, then writes
+    `<stem>.png/.md/.csv` and prints the table; returns the rows."""
+    train, test = load_data(args)
+    rows = compare_optimizers(
+        build_model,
+        args.optimizer,
+        train,
+        test,
+        epochs=args.epochs,
+        seed=args.seed,
+        learning_rate=args.learning_rate,
+    )
+    paths = write_outputs(
+        rows,
+        args.output_dir,
+        stem,
+        f"Fashion-MNIST {model_title}, batch {args.batch_size}, {epochs_text(args.epochs)}",
+        command_line(script, argv),
+    )
+    print("\n" + format_table(rows))
+    print(f"\nWrote {paths['png']}, {paths['md']}, {paths['csv']}")
+    return rows

@@ -17,7 +17,6 @@ takes seconds (plus about 10 s to decode the dataset once).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -25,63 +24,24 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fashion_mnist_common as common  # noqa: E402
 
-EPOCHS = 5
-BATCH_SIZE = 64
-SEED = 0
-OUTPUT_DIR = "results"
-DEFAULT_OPTIMIZERS = [
-    name
-    for name in ("soma", "gradsign", "sm3", "adam", "adagrad", "rmsprop", "sgd")
-    if name in common.OPTIMIZERS
-]
+# The paper's settings (the argparse defaults): 5 epochs, batch 64, every
+# optimizer at its defaults.
+EPOCHS = common.COMPARISON_EPOCHS
+BATCH_SIZE = common.COMPARISON_BATCH_SIZE
+SEED = common.COMPARISON_SEED
+OUTPUT_DIR = common.COMPARISON_OUTPUT_DIR
+DEFAULT_OPTIMIZERS = common.COMPARISON_OPTIMIZERS
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--optimizer",
-        nargs="+",
-        default=DEFAULT_OPTIMIZERS,
-        choices=sorted(common.OPTIMIZERS),
-        help="one or more optimizers, each at its defaults; "
-        f"default: {' '.join(DEFAULT_OPTIMIZERS)}",
-    )
-    parser.add_argument(
-        "--learning-rate",
-        type=float,
-        default=None,
-        help="override every optimizer's default learning rate",
-    )
-    common.add_common_arguments(parser, EPOCHS, BATCH_SIZE, SEED, OUTPUT_DIR)
-    args = parser.parse_args(argv)
-    common.check_common_arguments(parser, args)
-    if args.learning_rate is not None and not args.learning_rate > 0:
-        parser.error(f"--learning-rate must be > 0; received {args.learning_rate}")
-    return args
+    return common.parse_comparison_args(__doc__.splitlines()[0], argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    train, test = common.load_data(args)
-    rows = common.compare_optimizers(
-        common.build_mlp,
-        args.optimizer,
-        train,
-        test,
-        epochs=args.epochs,
-        seed=args.seed,
-        learning_rate=args.learning_rate,
+    return common.run_comparison(
+        args, common.build_mlp, "mlp", "MLP", "examples/fashion_mnist_mlp.py", argv
     )
-    paths = common.write_outputs(
-        rows,
-        args.output_dir,
-        "mlp",
-        f"Fashion-MNIST MLP, batch {args.batch_size}, {common.epochs_text(args.epochs)}",
-        common.command_line("examples/fashion_mnist_mlp.py", argv),
-    )
-    print("\n" + common.format_table(rows))
-    print(f"\nWrote {paths['png']}, {paths['md']}, {paths['csv']}")
-    return rows
 
 
 if __name__ == "__main__":
