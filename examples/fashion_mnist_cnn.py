@@ -8,9 +8,10 @@ an exponential moving average with factor 0.95 as in the paper), `cnn.md`
 and `cnn.csv` (final smoothed loss, test accuracy, seconds per epoch,
 optimizer state bytes per parameter) to `--output-dir`.
 
-Run time on a 2-core laptop CPU: about 5 minutes per optimizer for the
-full 5 epochs (so about 35 minutes for all seven); `--epochs 1
---steps-per-epoch 20 --optimizer soma` takes under half a minute.
+Run time on a 2-core laptop CPU: about 6 minutes per optimizer for the
+full 5 epochs (50-80 s per epoch), so 40-50 minutes for all seven;
+`--epochs 1 --steps-per-epoch 20 --optimizer soma` takes under half a
+minute.
 
     python examples/fashion_mnist_cnn.py                       # all optimizers
     python examples/fashion_mnist_cnn.py --optimizer soma adam
