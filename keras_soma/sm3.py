@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
+import keras
 from keras import ops
 
 from keras_soma import _common
@@ -153,6 +154,137 @@ def sm3_update(
     return ops.subtract(value, step), new_accumulators, new_momentum
 
 
+# The row-blocked path (CPU only, see `sm3_update_blocked`): about this
+# many elements per block, so that a block of the gradient and its
+# temporaries stay in a core's cache, and only for variables of at least
+# this many elements (smaller ones gain nothing).
+BLOCK_ELEMENTS = 2**15
+MIN_BLOCKED_ELEMENTS = 2**18
+
+
+def block_rows(shape: Sequence[int]) -> Optional[int]:
+    """Rows per block of the row-blocked path for a variable of `shape`,
+    or None where that path does not apply (rank < 2, or too small)."""
+    if len(shape) < 2 or any(dimension is None for dimension in shape):
+        return None
+    row_elements = math.prod(shape[1:])
+    if row_elements * shape[0] < MIN_BLOCKED_ELEMENTS:
+        return None
+    rows = max(1, BLOCK_ELEMENTS // max(row_elements, 1))
+    if rows * 2 > shape[0]:
+        return None
+    return rows
+
+
+def sm3_update_blocked(
+    value,
+    gradient,
+    accumulators: Sequence,
+    momentum_value,
+    learning_rate,
+    rows_per_block: int,
+    momentum: float,
+    beta_2: float,
+    epsilon: float,
+):
+    """`sm3_update` for variant II and a dense gradient of rank >= 2,
+    computed block of rows by block of rows.
+
+    Each block of `rows_per_block` rows of the variable, the gradient and
+    the momentum is updated by `sm3_update` itself; the block's axis-0
+    accumulator entries are complete within the block, and the other axes'
+    accumulators are the running maximum over blocks. Every element goes
+    through the same operations as in `sm3_update` and max is exact, so
+    the results are identical. What changes is the memory traffic: XLA
+    cannot fuse SM3's two reductions and its element-wise update into one
+    loop, so the whole-tensor form reads the gradient three times (or keeps
+    `nu` as a temporary of the variable's size), while a block stays in
+    cache between them. On CPU this is faster and keeps the step's
+    temporaries to the size of a block.
+
+    Returns `(new_value, new_accumulators, new_momentum)` as `sm3_update`.
+    """
+    shape = tuple(value.shape)
+    rank = len(shape)
+    axes = list(range(rank))
+    accumulators = [ops.cast(accumulator, "float32") for accumulator in accumulators]
+    full_blocks, remainder = divmod(shape[0], rows_per_block)
+
+    def process(start, rows, carry):
+        new_value, new_momentum, first_axis, other_axes = carry
+        begin = [start] + [0] * (rank - 1)
+        size = [rows, *shape[1:]]
+        block_momentum = (
+            None if new_momentum is None else ops.slice(new_momentum, begin, size)
+        )
+        block_value, block_accumulators, block_momentum = sm3_update(
+            ops.slice(new_value, begin, size),
+            ops.slice(gradient, begin, size),
+            [ops.slice(accumulators[0], [start], [rows]), *accumulators[1:]],
+            block_momentum,
+            learning_rate,
+            axes=axes,
+            variant="II",
+            momentum=momentum,
+            beta_2=beta_2,
+            epsilon=epsilon,
+        )
+        if new_momentum is not None:
+            new_momentum = ops.slice_update(new_momentum, begin, block_momentum)
+            # The variable's block moves by the momentum just written,
+            # read back from the momentum buffer, so that XLA updates both
+            # buffers in place instead of copying the momentum to keep its
+            # old block readable.
+            old_value = ops.slice(new_value, begin, size)
+            block_value = ops.subtract(
+                old_value,
+                ops.multiply(
+                    learning_rate,
+                    ops.cast(ops.slice(new_momentum, begin, size), old_value.dtype),
+                ),
+            )
+        new_value = ops.slice_update(new_value, begin, block_value)
+        first_axis = ops.slice_update(first_axis, [start], block_accumulators[0])
+        # nu >= 0, so 0 is the identity of the running maximum.
+        other_axes = [
+            ops.maximum(running, block)
+            for running, block in zip(other_axes, block_accumulators[1:])
+        ]
+        return new_value, new_momentum, first_axis, other_axes
+
+    carry = (
+        value,
+        momentum_value,
+        ops.zeros((shape[0],), "float32"),
+        [ops.zeros((dimension,), "float32") for dimension in shape[1:]],
+    )
+    if momentum_value is None:
+        # Loop carries must be tensors: carry the momentum only if it exists.
+        def body(index, loop_carry):
+            new_value, first_axis, other_axes = loop_carry
+            new_value, _, first_axis, other_axes = process(
+                index * rows_per_block,
+                rows_per_block,
+                (new_value, None, first_axis, other_axes),
+            )
+            return new_value, first_axis, other_axes
+
+        new_value, first_axis, other_axes = ops.fori_loop(
+            0, full_blocks, body, (carry[0], carry[2], carry[3])
+        )
+        carry = (new_value, None, first_axis, other_axes)
+    else:
+
+        def body(index, loop_carry):
+            return tuple(process(index * rows_per_block, rows_per_block, loop_carry))
+
+        carry = ops.fori_loop(0, full_blocks, body, carry)
+    if remainder:
+        carry = process(full_blocks * rows_per_block, remainder, carry)
+    new_value, new_momentum, first_axis, other_axes = carry
+    return new_value, [first_axis, *other_axes], new_momentum
+
+
 @_common.register
 class SM3(KerasSomaOptimizer):
     """SM3: AdaGrad-quality adaptivity at a few hundredths of a byte per
@@ -250,6 +382,13 @@ class SM3(KerasSomaOptimizer):
         fused: Bool or `None`. `None` runs each variable's dense update as
             one XLA kernel on TensorFlow where that is safe, `False` always
             runs it op by op. The numbers are the same. Defaults to `None`.
+        blocked: Bool or `None`. Variant II's dense update of a variable
+            of rank >= 2 and at least 2**18 elements can run block of rows
+            by block of rows where XLA compiles it (the fused kernel on
+            TensorFlow; JAX without a Keras distribution), which keeps each
+            block in cache and the step's temporaries to the size of a
+            block. `None` does so on CPU only, `True` on any device,
+            `False` never. The numbers are the same. Defaults to `None`.
         {{base_optimizer_keyword_args}}
 
     References:
@@ -268,6 +407,7 @@ class SM3(KerasSomaOptimizer):
         variant: str = "II",
         skip_nonfinite: bool = False,
         fused=None,
+        blocked=None,
         name="sm3",
         **kwargs,
     ):
@@ -292,6 +432,11 @@ class SM3(KerasSomaOptimizer):
         self.beta_2 = beta_2
         self.epsilon = epsilon
         self.variant = variant
+        if blocked not in (None, True, False):
+            raise ValueError(
+                f"Argument `blocked` must be None, True or False. Received: blocked={blocked!r}"
+            )
+        self.blocked = blocked
 
     def build(self, var_list):
         """Creates the accumulators (one float32 vector per axis for rank
@@ -339,14 +484,32 @@ class SM3(KerasSomaOptimizer):
             axes = [None] if rank == 0 else list(range(rank))
             update = self.update_with
         count = len(accumulators)
+        rows_per_block = (
+            self._rows_per_block(variable) if update == self.update_with else None
+        )
 
         def step(value, gradient, *state_and_learning_rate):
             *state, learning_rate = state_and_learning_rate
+            momentum_state = state[count] if momentum_value is not None else None
+            if rows_per_block is not None:
+                new_value, new_accumulators, new_momentum = sm3_update_blocked(
+                    value,
+                    gradient,
+                    state[:count],
+                    momentum_state,
+                    learning_rate,
+                    rows_per_block=rows_per_block,
+                    momentum=self.momentum,
+                    beta_2=self.beta_2,
+                    epsilon=self.epsilon,
+                )
+                momentum_part = [] if new_momentum is None else [new_momentum]
+                return [new_value, *new_accumulators, *momentum_part]
             new_value, new_accumulators, new_momentum = sm3_update(
                 value,
                 gradient,
                 state[:count],
-                state[count] if momentum_value is not None else None,
+                momentum_state,
                 learning_rate,
                 axes=axes,
                 variant=self.variant,
@@ -360,6 +523,44 @@ class SM3(KerasSomaOptimizer):
         momentum_part = [] if momentum_value is None else [momentum_value]
         update(step, variable, gradient, [*accumulators, *momentum_part], learning_rate)
 
+    def _rows_per_block(self, variable) -> Optional[int]:
+        """Rows per block where the dense update of `variable` runs block
+        by block (`sm3_update_blocked`), else None.
+
+        That path is taken for variant II on CPU where XLA compiles the
+        update: the fused kernel on TensorFlow, and JAX without a Keras
+        distribution (a loop over blocks of a sharded variable would need
+        the sharding's cooperation). On GPU and TPU, where XLA fuses
+        reductions itself and a loop of small kernels would be slow, and
+        where the update runs op by op, the whole-tensor form is used.
+        """
+        if self.variant != "II" or self.blocked is False:
+            return None
+        rows = block_rows(tuple(variable.shape))
+        if rows is None:
+            return None
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
+            if not self._use_fused_kernel():
+                return None
+            import tensorflow as tf
+
+            accelerator = bool(
+                tf.config.list_logical_devices("GPU")
+                or tf.config.list_logical_devices("TPU")
+            )
+        elif backend == "jax":
+            import jax
+
+            if keras.distribution.distribution() is not None:
+                return None
+            accelerator = jax.default_backend() != "cpu"
+        else:
+            return None
+        if accelerator and self.blocked is not True:
+            return None
+        return rows
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -368,6 +569,7 @@ class SM3(KerasSomaOptimizer):
                 "beta_2": self.beta_2,
                 "epsilon": self.epsilon,
                 "variant": self.variant,
+                "blocked": self.blocked,
             }
         )
         return config

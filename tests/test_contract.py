@@ -352,3 +352,42 @@ def test_keras_adam_is_the_eight_byte_yardstick():
     assert measured_bytes_per_parameter(
         keras_soma.Soma()
     ) == 0.5 * measured_bytes_per_parameter(keras.optimizers.Adam())
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="XLA's memory analysis, read through JAX"
+)
+@pytest.mark.parametrize("spec", SPECS)
+def test_compiled_step_needs_at_most_one_variable_sized_temporary(spec):
+    """The performance issue's memory bound: besides the variables, the
+    gradients and the state (all updated in place), a compiled step may
+    allocate at most one temporary the size of the largest variable."""
+    import jax
+
+    shapes = [(1024, 512), (512,), (512, 256), (256,)]
+    variables = [keras.Variable(np.ones(shape, "float32")) for shape in shapes]
+    gradients = [keras.ops.ones(shape) for shape in shapes]
+    largest = max(int(np.prod(shape)) * 4 for shape in shapes)
+    for kwargs, _ in spec.bytes_per_parameter:
+        optimizer = spec.cls(**kwargs)
+        optimizer.build(variables)
+
+        # Arguments in the order of the results, so that each donated
+        # buffer can hold the result of the same variable.
+        def step(variable_values, optimizer_values, gradient_values):
+            return optimizer.stateless_apply(optimizer_values, gradient_values, variable_values)
+
+        compiled = (
+            jax.jit(step, donate_argnums=(0, 1))
+            .lower(
+                [v.value for v in variables],
+                [v.value for v in optimizer.variables],
+                gradients,
+            )
+            .compile()
+        )
+        analysis = compiled.memory_analysis()
+        assert analysis.temp_size_in_bytes <= largest, (kwargs, analysis.temp_size_in_bytes, largest)
+        # Every variable and state tensor is updated in place: what is not
+        # aliased to an argument is scalars and the results' tuple tables.
+        assert analysis.output_size_in_bytes - analysis.alias_size_in_bytes < 1024, kwargs

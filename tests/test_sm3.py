@@ -446,3 +446,125 @@ def test_row_path_skips_nonfinite_steps():
     assert int(to_numpy(optimizer.skipped_steps)) == 1
     for name, value in slot_values(optimizer, variable).items():
         assert not value.any(), name
+
+
+# ---------------------------------------------------------------------------
+# The row-blocked path (variant II, dense, where XLA compiles the update)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch):
+    """Makes every variable of rank >= 2 with 4+ rows take the row-blocked
+    path, in blocks of a few rows (with a remainder for odd row counts),
+    and counts the calls of `sm3_update_blocked` (at trace time)."""
+    from keras_soma import sm3
+
+    monkeypatch.setattr(sm3, "BLOCK_ELEMENTS", 8)
+    monkeypatch.setattr(sm3, "MIN_BLOCKED_ELEMENTS", 1)
+    calls = []
+    original = sm3.sm3_update_blocked
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["rows_per_block"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sm3, "sm3_update_blocked", counted)
+    return calls
+
+
+BLOCKED_CASES = [
+    {},
+    {"momentum": 0.0},
+    {"beta_2": 0.99, "epsilon": 1e-8},
+]
+
+
+@pytest.mark.parametrize("shape", [(8, 3), (7, 4, 3), (5, 3, 2, 4)], ids=str)
+@pytest.mark.parametrize("case", BLOCKED_CASES, ids=str)
+def test_blocked_path_matches_reference(tiny_blocks, case, shape):
+    # The compiled mode is where the path is taken: the fused kernel on
+    # TensorFlow, jax.jit on JAX. The comparison is the reference test's,
+    # every slot after every step.
+    from registry import REGISTRY
+    from test_reference import run_against_reference
+
+    run_against_reference(REGISTRY["SM3"], case, shape, "float32", "compiled")
+    assert tiny_blocks, "the row-blocked path was not taken"
+    assert all(rows < shape[0] for rows in tiny_blocks)
+
+
+def test_blocked_path_with_weight_decay_and_skipped_steps(tiny_blocks):
+    """Weight decay and skip_nonfinite wrap the blocked update as they
+    wrap the whole-tensor one: same numbers, and a skipped step changes
+    nothing."""
+    from test_reference import run_against_reference
+    from registry import REGISTRY
+
+    optimizer, variable = run_against_reference(
+        REGISTRY["SM3"], {}, (9, 5), "float32", "compiled", weight_decay=0.5
+    )
+    assert tiny_blocks
+    variable = keras.Variable(np.ones((9, 5), "float32"))
+    optimizer = keras_soma.SM3(learning_rate=0.1, skip_nonfinite=True)
+    optimizer.build([variable])
+    step = make_stepper(optimizer, [variable], "compiled")
+    gradient = np.ones((9, 5), "float32")
+    step([gradient])
+    before = to_numpy(variable), slot_values(optimizer, variable)
+    gradient[4, 2] = np.inf
+    step([gradient])
+    np.testing.assert_array_equal(to_numpy(variable), before[0])
+    for name, value in slot_values(optimizer, variable).items():
+        np.testing.assert_array_equal(value, before[1][name], err_msg=name)
+    assert int(to_numpy(optimizer.skipped_steps)) == 1
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_blocked_and_whole_tensor_paths_agree(tiny_blocks, momentum):
+    rng = np.random.default_rng(3)
+    initial = rng.standard_normal((11, 6)).astype("float32")
+    gradients = [rng.standard_normal((11, 6)).astype("float32") for _ in range(5)]
+    results = {}
+    for blocked in (None, False):
+        variable = keras.Variable(initial)
+        optimizer = keras_soma.SM3(learning_rate=0.05, momentum=momentum, blocked=blocked)
+        optimizer.build([variable])
+        step = make_stepper(optimizer, [variable], "compiled")
+        for gradient in gradients:
+            step([gradient])
+        results[blocked] = (to_numpy(variable), slot_values(optimizer, variable))
+    assert len(tiny_blocks) == 1  # traced once, by the blocked optimizer only
+    np.testing.assert_allclose(results[None][0], results[False][0], rtol=2e-6, atol=2e-6)
+    assert sorted(results[None][1]) == sorted(results[False][1])
+    for name, value in results[None][1].items():
+        np.testing.assert_allclose(value, results[False][1][name], rtol=2e-6, err_msg=name)
+
+
+def test_block_rows_by_shape():
+    from keras_soma import sm3
+
+    assert sm3.block_rows((2048, 2048)) == sm3.BLOCK_ELEMENTS // 2048
+    assert sm3.block_rows((9216, 128)) == sm3.BLOCK_ELEMENTS // 128
+    assert sm3.block_rows((10,)) is None  # rank 1 keeps a full-size accumulator
+    assert sm3.block_rows((128, 10)) is None  # small: nothing to gain
+    assert sm3.block_rows((1, 2**20)) is None  # fewer than two blocks of rows
+    assert sm3.block_rows((3, 2**20)) == 1  # rows larger than a block
+    assert sm3.block_rows((64, 2**16)) == 1
+
+
+def test_variant_one_and_op_by_op_updates_are_not_blocked(tiny_blocks):
+    variable = keras.Variable(np.ones((8, 4), "float32"))
+    assert keras_soma.SM3(variant="I")._rows_per_block(variable) is None
+    assert keras_soma.SM3(blocked=False)._rows_per_block(variable) is None
+    # Outside a compiled function on TensorFlow the update runs op by op.
+    if keras.backend.backend() == "tensorflow":
+        assert keras_soma.SM3()._rows_per_block(variable) is None
+    else:
+        assert keras_soma.SM3()._rows_per_block(variable) is not None
+
+
+@pytest.mark.parametrize("blocked", ["yes", 1.5])
+def test_blocked_argument_is_checked(blocked):
+    with pytest.raises(ValueError, match=r"`blocked` must be None, True or False.*Received"):
+        keras_soma.SM3(blocked=blocked)
