@@ -63,6 +63,40 @@ def _reduce_to(values, axis: Optional[int], rank: int):
     return ops.max(values, axis=others)
 
 
+def _minimum_over_cover(accumulators, axes, rank: int):
+    """The smallest accumulator of every element's slices, broadcast to
+    the variable's shape (the accumulator itself if full-size)."""
+    expanded = [_expand(value, axis, rank) for value, axis in zip(accumulators, axes)]
+    result = expanded[0]
+    for value in expanded[1:]:
+        result = ops.minimum(result, value)
+    return result
+
+
+def _variant_two_nu(gradient, accumulators, axes, beta_2: float):
+    """Variant II's `nu` from a float32 gradient and float32 accumulators."""
+    rank = len(gradient.shape)
+    return _accumulate(
+        _minimum_over_cover(accumulators, axes, rank),
+        ops.multiply(gradient, gradient),
+        beta_2,
+    )
+
+
+def _preconditioned(gradient, nu, beta_2: float, epsilon: float):
+    """`g / sqrt(nu + epsilon)`, 0 where `nu = 0`, within the update bound."""
+    # nu = 0 only where g = 0 so far (or g^2 underflowed): no step there.
+    update = ops.where(
+        ops.greater(nu, 0.0),
+        ops.divide(gradient, ops.sqrt(ops.add(nu, epsilon))),
+        0.0,
+    )
+    # A no-op up to rounding, except where nu saturated at FLOAT32_MAX
+    # below the true g^2: there it restores the exact step.
+    bound = update_bound(beta_2)
+    return ops.clip(update, -bound, bound)
+
+
 def sm3_precondition(
     gradient,
     accumulators: Sequence,
@@ -87,36 +121,38 @@ def sm3_precondition(
         `(update, new_accumulators)`, with `|update| <= update_bound(beta_2)`.
     """
     gradient = ops.cast(gradient, "float32")
-    squares = ops.multiply(gradient, gradient)
     rank = len(gradient.shape)
     accumulators = [ops.cast(value, "float32") for value in accumulators]
-
-    def minimum_over_cover(values):
-        expanded = [_expand(value, axis, rank) for value, axis in zip(values, axes)]
-        result = expanded[0]
-        for value in expanded[1:]:
-            result = ops.minimum(result, value)
-        return result
-
     if variant == "II":
-        nu = _accumulate(minimum_over_cover(accumulators), squares, beta_2)
+        nu = _variant_two_nu(gradient, accumulators, axes, beta_2)
         new_accumulators = [_reduce_to(nu, axis, rank) for axis in axes]
     else:
+        squares = ops.multiply(gradient, gradient)
         new_accumulators = [
             _accumulate(value, _reduce_to(squares, axis, rank), beta_2)
             for value, axis in zip(accumulators, axes)
         ]
-        nu = minimum_over_cover(new_accumulators)
-    # nu = 0 only where g = 0 so far (or g^2 underflowed): no step there.
-    update = ops.where(
-        ops.greater(nu, 0.0),
-        ops.divide(gradient, ops.sqrt(ops.add(nu, epsilon))),
-        0.0,
-    )
-    # A no-op up to rounding, except where nu saturated at FLOAT32_MAX
-    # below the true g^2: there it restores the exact step.
-    bound = update_bound(beta_2)
-    return ops.clip(update, -bound, bound), new_accumulators
+        nu = _minimum_over_cover(new_accumulators, axes, rank)
+    return _preconditioned(gradient, nu, beta_2, epsilon), new_accumulators
+
+
+def _move(value, update, momentum_value, learning_rate, momentum: float):
+    """The momentum (if any) and the variable after a step along `update`.
+
+    Returns `(new_value, new_momentum)`; the momentum is computed in
+    float32 and stored in its own dtype, the variable moves in its dtype.
+    """
+    new_momentum = None
+    direction = update
+    if momentum_value is not None:
+        new_momentum = ops.add(
+            ops.multiply(ops.cast(momentum_value, "float32"), momentum),
+            ops.multiply(update, 1.0 - momentum),
+        )
+        new_momentum = ops.cast(new_momentum, momentum_value.dtype)
+        direction = new_momentum
+    step = ops.multiply(learning_rate, ops.cast(direction, value.dtype))
+    return ops.subtract(value, step), new_momentum
 
 
 def sm3_update(
@@ -141,17 +177,10 @@ def sm3_update(
     update, new_accumulators = sm3_precondition(
         gradient, accumulators, axes, variant, beta_2, epsilon
     )
-    new_momentum = None
-    direction = update
-    if momentum_value is not None:
-        new_momentum = ops.add(
-            ops.multiply(ops.cast(momentum_value, "float32"), momentum),
-            ops.multiply(update, 1.0 - momentum),
-        )
-        new_momentum = ops.cast(new_momentum, momentum_value.dtype)
-        direction = new_momentum
-    step = ops.multiply(learning_rate, ops.cast(direction, value.dtype))
-    return ops.subtract(value, step), new_accumulators, new_momentum
+    new_value, new_momentum = _move(
+        value, update, momentum_value, learning_rate, momentum
+    )
+    return new_value, new_accumulators, new_momentum
 
 
 # The row-blocked path (CPU only, see `sm3_update_blocked`): about this
@@ -187,101 +216,67 @@ def sm3_update_blocked(
     beta_2: float,
     epsilon: float,
 ):
-    """`sm3_update` for variant II and a dense gradient of rank >= 2,
-    computed block of rows by block of rows.
+    """`sm3_update` for variant II and a dense gradient of rank >= 2, with
+    the new accumulators computed block of rows by block of rows.
 
-    Each block of `rows_per_block` rows of the variable, the gradient and
-    the momentum is updated by `sm3_update` itself; the block's axis-0
-    accumulator entries are complete within the block, and the other axes'
-    accumulators are the running maximum over blocks. Every element goes
-    through the same operations as in `sm3_update` and max is exact, so
-    the results are identical. What changes is the memory traffic: XLA
-    cannot fuse SM3's two reductions and its element-wise update into one
-    loop, so the whole-tensor form reads the gradient three times (or keeps
-    `nu` as a temporary of the variable's size), while a block stays in
-    cache between them. On CPU this is faster and keeps the step's
-    temporaries to the size of a block.
+    Variant II's `nu` feeds three things: the element-wise update and two
+    or more maxima along different axes. XLA on CPU fuses none of the
+    reductions with the element-wise pass, so over whole tensors it keeps
+    `nu` as a temporary of the variable's size. Here the element-wise
+    update (which needs only the old accumulators) is one pass over whole
+    tensors that recomputes `nu` as it goes, and the new accumulators come
+    from a loop over blocks of `rows_per_block` rows: each block's `nu` is
+    small and stays in cache while its row maxima (final) and its maxima
+    along the other axes (a running maximum over the blocks) are taken.
+    Every element's `nu` and update go through the same operations as in
+    `sm3_update`, and max is exact, so the results agree with it to float32
+    rounding (XLA may contract `A + g * g` into one fused multiply-add in
+    one form and not the other). A step's temporaries are those of a block.
 
     Returns `(new_value, new_accumulators, new_momentum)` as `sm3_update`.
     """
     shape = tuple(value.shape)
     rank = len(shape)
     axes = list(range(rank))
+    gradient = ops.cast(gradient, "float32")
     accumulators = [ops.cast(accumulator, "float32") for accumulator in accumulators]
     full_blocks, remainder = divmod(shape[0], rows_per_block)
 
-    def process(start, rows, carry):
-        new_value, new_momentum, first_axis, other_axes = carry
-        begin = [start] + [0] * (rank - 1)
-        size = [rows, *shape[1:]]
-        block_momentum = (
-            None if new_momentum is None else ops.slice(new_momentum, begin, size)
-        )
-        block_value, block_accumulators, block_momentum = sm3_update(
-            ops.slice(new_value, begin, size),
-            ops.slice(gradient, begin, size),
-            [ops.slice(accumulators[0], [start], [rows]), *accumulators[1:]],
-            block_momentum,
-            learning_rate,
-            axes=axes,
-            variant="II",
-            momentum=momentum,
-            beta_2=beta_2,
-            epsilon=epsilon,
-        )
-        if new_momentum is not None:
-            new_momentum = ops.slice_update(new_momentum, begin, block_momentum)
-            # The variable's block moves by the momentum just written,
-            # read back from the momentum buffer, so that XLA updates both
-            # buffers in place instead of copying the momentum to keep its
-            # old block readable.
-            old_value = ops.slice(new_value, begin, size)
-            block_value = ops.subtract(
-                old_value,
-                ops.multiply(
-                    learning_rate,
-                    ops.cast(ops.slice(new_momentum, begin, size), old_value.dtype),
-                ),
-            )
-        new_value = ops.slice_update(new_value, begin, block_value)
-        first_axis = ops.slice_update(first_axis, [start], block_accumulators[0])
+    def accumulate_block(start, rows, carry):
+        first_axis, other_axes = carry
+        block = ops.slice(gradient, [start] + [0] * (rank - 1), [rows, *shape[1:]])
+        block_accumulators = [ops.slice(accumulators[0], [start], [rows]), *accumulators[1:]]
+        nu = _variant_two_nu(block, block_accumulators, axes, beta_2)
+        first_axis = ops.slice_update(first_axis, [start], _reduce_to(nu, 0, rank))
         # nu >= 0, so 0 is the identity of the running maximum.
         other_axes = [
-            ops.maximum(running, block)
-            for running, block in zip(other_axes, block_accumulators[1:])
+            ops.maximum(running, _reduce_to(nu, axis, rank))
+            for running, axis in zip(other_axes, axes[1:])
         ]
-        return new_value, new_momentum, first_axis, other_axes
+        return first_axis, other_axes
 
     carry = (
-        value,
-        momentum_value,
         ops.zeros((shape[0],), "float32"),
         [ops.zeros((dimension,), "float32") for dimension in shape[1:]],
     )
-    if momentum_value is None:
-        # Loop carries must be tensors: carry the momentum only if it exists.
-        def body(index, loop_carry):
-            new_value, first_axis, other_axes = loop_carry
-            new_value, _, first_axis, other_axes = process(
-                index * rows_per_block,
-                rows_per_block,
-                (new_value, None, first_axis, other_axes),
-            )
-            return new_value, first_axis, other_axes
-
-        new_value, first_axis, other_axes = ops.fori_loop(
-            0, full_blocks, body, (carry[0], carry[2], carry[3])
-        )
-        carry = (new_value, None, first_axis, other_axes)
-    else:
-
-        def body(index, loop_carry):
-            return tuple(process(index * rows_per_block, rows_per_block, loop_carry))
-
-        carry = ops.fori_loop(0, full_blocks, body, carry)
+    carry = ops.fori_loop(
+        0,
+        full_blocks,
+        lambda index, loop_carry: accumulate_block(
+            index * rows_per_block, rows_per_block, loop_carry
+        ),
+        carry,
+    )
     if remainder:
-        carry = process(full_blocks * rows_per_block, remainder, carry)
-    new_value, new_momentum, first_axis, other_axes = carry
+        carry = accumulate_block(full_blocks * rows_per_block, remainder, carry)
+    first_axis, other_axes = carry
+
+    update = _preconditioned(
+        gradient, _variant_two_nu(gradient, accumulators, axes, beta_2), beta_2, epsilon
+    )
+    new_value, new_momentum = _move(
+        value, update, momentum_value, learning_rate, momentum
+    )
     return new_value, [first_axis, *other_axes], new_momentum
 
 

@@ -32,3 +32,20 @@ def test_readme_example_command_names_an_existing_script():
     for command in commands:
         for script in re.findall(r"examples/\S+\.py", command):
             assert os.path.exists(os.path.join(ROOT, script)), script
+
+
+def test_readme_speed_figures_are_the_benchmarks_output():
+    """The README's speed table, target lines and fit() table are copied
+    from the benchmark scripts' own output files, line for line."""
+    readme = read("README.md")
+    section = readme.split("## Speed", 1)[1].split("\n## ", 1)[0]
+    step = read("docs/results/step_speed_tensorflow.md").splitlines()
+    fit = read("docs/results/fit_speed.md").splitlines()
+    figures = [
+        line
+        for line in section.splitlines()
+        if line.startswith(("| ", "- PASS", "- FAIL", "- note")) and "---" not in line
+    ]
+    assert len(figures) > 10
+    for line in figures:
+        assert line in step or line in fit, line

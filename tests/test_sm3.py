@@ -480,16 +480,20 @@ BLOCKED_CASES = [
 ]
 
 
+# Where the path is taken: the fused kernel on TensorFlow (compiled), and
+# on JAX both under jax.jit and eagerly (lax.fori_loop runs either way).
+BLOCKED_MODES = ["compiled"] + (["eager"] if keras.backend.backend() == "jax" else [])
+
+
+@pytest.mark.parametrize("mode", BLOCKED_MODES)
 @pytest.mark.parametrize("shape", [(8, 3), (7, 4, 3), (5, 3, 2, 4)], ids=str)
 @pytest.mark.parametrize("case", BLOCKED_CASES, ids=str)
-def test_blocked_path_matches_reference(tiny_blocks, case, shape):
-    # The compiled mode is where the path is taken: the fused kernel on
-    # TensorFlow, jax.jit on JAX. The comparison is the reference test's,
-    # every slot after every step.
+def test_blocked_path_matches_reference(tiny_blocks, case, shape, mode):
+    # The comparison is the reference test's, every slot after every step.
     from registry import REGISTRY
     from test_reference import run_against_reference
 
-    run_against_reference(REGISTRY["SM3"], case, shape, "float32", "compiled")
+    run_against_reference(REGISTRY["SM3"], case, shape, "float32", mode)
     assert tiny_blocks, "the row-blocked path was not taken"
     assert all(rows < shape[0] for rows in tiny_blocks)
 
