@@ -223,6 +223,33 @@ def test_sm3_polyak_serving_short(common, data_dir, tmp_path):
     )
 
 
+def test_seed_repeats_short(common, data_dir, tmp_path):
+    example = load_example("seed_repeats")
+    summaries = example.main(
+        ["--optimizer", "soma", "adam", "--seeds", "2", *SHORT_RUN,
+         "--data-dir", data_dir, "--output-dir", str(tmp_path)]
+    )
+    rows = read_outputs(tmp_path, "seeds_mlp", "seed_repeats")
+    assert [row["optimizer"] for row in rows] == ["Soma", "Adam"]
+    for row, summary, expected_bytes in zip(rows, summaries, [4.0, 8.0]):
+        per_seed = [float(value) for value in row["per_seed"].split()]
+        assert len(per_seed) == int(row["seeds"]) == 2
+        for accuracy in per_seed:
+            check_accuracy_and_loss({"test_accuracy": accuracy, "final_smoothed_loss": 1.0})
+        # The summary columns are those of the per-seed accuracies.
+        assert float(row["mean_test_accuracy"]) == pytest.approx(sum(per_seed) / 2, abs=1e-4)
+        assert float(row["min_test_accuracy"]) == pytest.approx(min(per_seed), abs=1e-4)
+        assert float(row["max_test_accuracy"]) == pytest.approx(max(per_seed), abs=1e-4)
+        assert float(row["std_test_accuracy"]) == pytest.approx(
+            abs(per_seed[0] - per_seed[1]) / math.sqrt(2), abs=1e-4
+        )
+        assert float(row["state_bytes_per_parameter"]) == pytest.approx(expected_bytes)
+        assert summary["accuracies"] == pytest.approx(per_seed, abs=1e-4)
+    # Two seeds are two different runs: the weights and the batch order
+    # differ, so the accuracies do too.
+    assert len(set(summaries[0]["accuracies"])) == 2
+
+
 @pytest.mark.parametrize(
     "example_name, arguments, message",
     [
@@ -236,6 +263,7 @@ def test_sm3_polyak_serving_short(common, data_dir, tmp_path):
         ("sm3_polyak_serving", ["--warmup-fraction", "0.6", "--cooldown-fraction", "0.5"], "--warmup-fraction plus --cooldown-fraction must be at most 1"),
         ("sm3_polyak_serving", ["--averaging-decay", "1"], "--averaging-decay must lie in (0, 1); received 1.0"),
         ("sm3_polyak_serving", ["--export-dir", os.path.dirname(__file__)], "--export-dir must not exist yet"),
+        ("seed_repeats", ["--seeds", "1"], "--seeds must be an integer >= 2 (a spread needs two runs); received 1"),
     ],
 )
 def test_bad_arguments_are_named(common, example_name, arguments, message, capsys):

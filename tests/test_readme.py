@@ -49,3 +49,17 @@ def test_readme_speed_figures_are_the_benchmarks_output():
     assert len(figures) > 10
     for line in figures:
         assert line in step or line in fit, line
+
+
+def test_readme_accuracy_figures_are_the_examples_output():
+    """The README's accuracy table is the seed-repeats example's own
+    output file, line for line, and names the command that wrote it."""
+    readme = read("README.md")
+    section = readme.split("## Accuracy", 1)[1].split("\n## ", 1)[0]
+    output = read("docs/results/seeds_mlp.md")
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert len(rows) >= 3, rows  # the header and at least two optimizers
+    for line in rows:
+        assert line in output.splitlines(), line
+    command = output.split("Produced by `", 1)[1].split("`", 1)[0]
+    assert f"`{command}`" in section
