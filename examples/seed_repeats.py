@@ -2,15 +2,15 @@
 
 What it shows: one run of an optimizer comparison is one draw. A different
 seed (the initial weights and the order of the training batches) moves a
-5-epoch test accuracy on fashion-MNIST by a few tenths of a point, which is
-as large as the differences the single-seed tables show. This script trains
+5-epoch test accuracy on fashion-MNIST by as much as the differences
+between optimizers that the single-seed tables show. This script trains
 the soma paper's MLP (or CNN) with each optimizer at its defaults for
 several seeds, every optimizer seeing the same seeds, and writes
 `seeds_<model>.png` (each seed's test accuracy and the mean, per
 optimizer), `seeds_<model>.md` and `seeds_<model>.csv` (mean, standard
 deviation, range, and the per-seed accuracies) to `--output-dir`.
 
-Run time on a 2-core CPU: about 30 s per MLP run, so about 5 minutes for
+Run time on a 2-core CPU: 20-30 s per MLP run, so about 5 minutes for
 the default two optimizers and five seeds; `--seeds 2 --epochs 1
 --steps-per-epoch 20` takes seconds (plus about 10 s to decode the dataset
 once).
