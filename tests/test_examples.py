@@ -234,8 +234,8 @@ def test_seed_repeats_short(common, data_dir, tmp_path):
     for row, summary, expected_bytes in zip(rows, summaries, [4.0, 8.0]):
         per_seed = [float(value) for value in row["per_seed"].split()]
         assert len(per_seed) == int(row["seeds"]) == 2
-        for accuracy in per_seed:
-            check_accuracy_and_loss({"test_accuracy": accuracy, "final_smoothed_loss": 1.0})
+        # 20 batches of training beat guessing among 10 classes.
+        assert all(0.1 < accuracy <= 1.0 for accuracy in per_seed), per_seed
         # The summary columns are those of the per-seed accuracies.
         assert float(row["mean_test_accuracy"]) == pytest.approx(sum(per_seed) / 2, abs=1e-4)
         assert float(row["min_test_accuracy"]) == pytest.approx(min(per_seed), abs=1e-4)
