@@ -62,8 +62,16 @@ KINDS = {
     "down_bias": (lambda d: (d,), (None,)),
 }
 BLOCK_KINDS = [
-    "norm_scale", "qkv_kernel", "qkv_bias", "out_kernel", "out_bias",
-    "norm_scale", "up_kernel", "up_bias", "down_kernel", "down_bias",
+    "norm_scale",
+    "qkv_kernel",
+    "qkv_bias",
+    "out_kernel",
+    "out_bias",
+    "norm_scale",
+    "up_kernel",
+    "up_bias",
+    "down_kernel",
+    "down_bias",
 ]
 # The small stand-in: every dimension divisible by 8.
 SMALL_WIDTH = 16
@@ -109,7 +117,9 @@ def distribution_of(kind):
     layout_map = keras.distribution.LayoutMap(mesh)
     for name, (_, axes) in KINDS.items():
         layout_map[f"parameters/{name}"] = axes
-    return keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+    return keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name="batch"
+    )
 
 
 def state_rules(optimizer_class, arguments, distribution_kind):
@@ -134,7 +144,8 @@ def state_rules(optimizer_class, arguments, distribution_kind):
             # Keras and keras_soma name state "<variable path>_<slot>".
             prefix = variable.path.replace("/", "_") + "_"
             states = [
-                state for state in optimizer.variables
+                state
+                for state in optimizer.variables
                 if state.path.split("/")[-1].startswith(prefix)
             ]
         if not states:
@@ -148,10 +159,15 @@ def state_rules(optimizer_class, arguments, distribution_kind):
                 axis = int(state.path.rsplit("_", 1)[1])
                 assert tuple(state.shape) == (variable.shape[axis],), state.path
             sharding = state.value.sharding
-            shards = int(np.prod([
-                sharding.mesh.shape[name]
-                for name in sharding.spec if name is not None
-            ]))
+            shards = int(
+                np.prod(
+                    [
+                        sharding.mesh.shape[name]
+                        for name in sharding.spec
+                        if name is not None
+                    ]
+                )
+            )
             dtype = keras.backend.standardize_dtype(state.dtype)
             rules[kind].append((dtype, axis, shards))
     return rules
@@ -178,7 +194,13 @@ def main(argv=None):
         f"({BLOCKS} blocks, width {WIDTH}), {DEVICES} devices, Keras "
         f"{keras.__version__}:"
     )
-    columns = ["optimizer", "bytes/parameter", "replicated", "multi-worker", "ModelParallel 8"]
+    columns = [
+        "optimizer",
+        "bytes/parameter",
+        "replicated",
+        "multi-worker",
+        "ModelParallel 8",
+    ]
     widths = [24, 15, 10, 12, 15]
     print("| " + " | ".join(f"{c:<{w}}" for c, w in zip(columns, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -206,6 +228,7 @@ def main(argv=None):
         weights,
         bytes_per_device(state_rules(None, {}, "model_parallel")),
     )
+
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
+)
 
 import fashion_mnist_common as common  # noqa: E402
 
@@ -33,10 +35,18 @@ OPTIMIZERS = ["soma", "gradsign", "sm3", "lion", "adam"]
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per optimizer")
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="timed epochs per optimizer"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--optimizers", nargs="+", default=[n for n in OPTIMIZERS if n in common.OPTIMIZERS])
-    parser.add_argument("--output", default=None, help="also write the table to this Markdown file")
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=[n for n in OPTIMIZERS if n in common.OPTIMIZERS],
+    )
+    parser.add_argument(
+        "--output", default=None, help="also write the table to this Markdown file"
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
@@ -61,7 +71,9 @@ def main(argv=None):
     import platform
     import shlex
 
-    command = "python " + " ".join(shlex.quote(part) for part in ["benchmarks/fit_speed.py", *sys.argv[1:]])
+    command = "python " + " ".join(
+        shlex.quote(part) for part in ["benchmarks/fit_speed.py", *sys.argv[1:]]
+    )
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     lines = [
         "| optimizer | s / epoch | x Keras Lion | x Keras Adam |",
@@ -70,7 +82,9 @@ def main(argv=None):
     for name, value in medians.items():
         lion = f"{value / medians['lion']:.2f}" if "lion" in medians else "-"
         adam = f"{value / medians['adam']:.2f}" if "adam" in medians else "-"
-        lines.append(f"| {common.DISPLAY_NAMES[name]} | {value:.2f} | {lion} | {adam} |")
+        lines.append(
+            f"| {common.DISPLAY_NAMES[name]} | {value:.2f} | {lion} | {adam} |"
+        )
     lines.append(
         f"\nProduced by `{command}`: Keras {keras.__version__}, {keras.backend.backend()} backend, "
         f"{platform.machine()}, {os.cpu_count()} CPU cores; median of {args.epochs} epochs, batch {args.batch_size}."

@@ -58,9 +58,9 @@ def step_milliseconds(optimizer_class, lazy: bool, table, gradient_parts, repeat
         step(values, indices)
         optimizer.iterations.numpy()  # wait for the step to finish
 
-    milliseconds = median_milliseconds(run, repeats)
-    del optimizer  # free its state before the next one is built
-    return milliseconds
+    # The optimizer and its state are freed with this frame on return,
+    # before the next one is built.
+    return median_milliseconds(run, repeats)
 
 
 def main(argv=None):
@@ -93,7 +93,9 @@ def main(argv=None):
         f"{args.touched_rows} rows ({unique_rows} unique), median of "
         f"{args.repeats}, Keras {keras.__version__}, {os.cpu_count()} CPU cores:"
     )
-    print(f"  {'optimizer':<10} {'dense (default)':>16} {'lazy':>10} {'lazy/dense':>11}")
+    print(
+        f"  {'optimizer':<10} {'dense (default)':>16} {'lazy':>10} {'lazy/dense':>11}"
+    )
     for name, optimizer_class in OPTIMIZERS.items():
         dense_ms = step_milliseconds(
             optimizer_class, False, table, (values, indices), args.repeats

@@ -79,9 +79,7 @@ def main(argv=None):
     rows = rng.choice(args.rows, args.touched_rows, replace=False)
     rows = rng.permutation(np.concatenate([rows, rows[: args.touched_rows // 8]]))
     indices = tf.constant(rows, "int64")
-    values = tf.constant(
-        rng.standard_normal((len(rows), args.width)).astype("float32")
-    )
+    values = tf.constant(rng.standard_normal((len(rows), args.width)).astype("float32"))
 
     @tf.function
     def dense_step(gradient):

@@ -17,15 +17,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
+)
 
 import fashion_mnist_common as common  # noqa: E402
+
 import keras_soma  # noqa: E402
 from keras_soma.memory import state_bytes_per_parameter  # noqa: E402
 
 CONFIGURATIONS = [
     ("Soma", lambda: keras_soma.Soma()),
-    ("Soma (momentum_dtype=bfloat16)", lambda: keras_soma.Soma(momentum_dtype="bfloat16")),
+    (
+        "Soma (momentum_dtype=bfloat16)",
+        lambda: keras_soma.Soma(momentum_dtype="bfloat16"),
+    ),
     ("GradSign", lambda: keras_soma.GradSign()),
 ]
 if hasattr(keras_soma, "SM3"):
@@ -44,9 +50,14 @@ CONFIGURATIONS += [
 
 def main():
     models = {"MLP": common.build_mlp(), "CNN": common.build_cnn()}
-    header = "| optimizer | " + " | ".join(
-        f"{name} bytes / param ({models[name].count_params():,} params)" for name in models
-    ) + " |"
+    header = (
+        "| optimizer | "
+        + " | ".join(
+            f"{name} bytes / param ({models[name].count_params():,} params)"
+            for name in models
+        )
+        + " |"
+    )
     print(header)
     print("|---" * (len(models) + 1) + "|")
     for label, factory in CONFIGURATIONS:
@@ -54,7 +65,9 @@ def main():
         for model in models.values():
             optimizer = factory()
             optimizer.build(model.trainable_variables)
-            cells.append(f"{state_bytes_per_parameter(optimizer, model.trainable_variables):.4f}")
+            cells.append(
+                f"{state_bytes_per_parameter(optimizer, model.trainable_variables):.4f}"
+            )
         print(f"| {label} | " + " | ".join(cells) + " |")
     print(f"\nKeras {keras.__version__}, {keras.backend.backend()} backend.")
 

@@ -44,7 +44,16 @@ from keras_soma._reference import numpy_dtype  # noqa: E402
 BACKEND = keras.backend.backend()
 LARGE_SHAPES = [(2048, 2048)] * 4
 # The soma paper's fashion-MNIST CNN: eight variables, 1.2M parameters.
-CNN_SHAPES = [(3, 3, 1, 32), (32,), (3, 3, 32, 64), (64,), (9216, 128), (128,), (128, 10), (10,)]
+CNN_SHAPES = [
+    (3, 3, 1, 32),
+    (32,),
+    (3, 3, 32, 64),
+    (64,),
+    (9216, 128),
+    (128,),
+    (128, 10),
+    (10,),
+]
 
 
 def optimizer_cases():
@@ -59,7 +68,10 @@ def optimizer_cases():
             ("SM3 momentum=0.9", lambda: keras_soma.SM3(momentum=0.9)),
             # The whole-tensor form, for comparison with the row-blocked
             # update SM3 uses on CPU (see the SM3 docs page).
-            ("SM3 momentum=0 blocked=False", lambda: keras_soma.SM3(momentum=0.0, blocked=False)),
+            (
+                "SM3 momentum=0 blocked=False",
+                lambda: keras_soma.SM3(momentum=0.0, blocked=False),
+            ),
         ]
     cases += [
         ("Keras Lion", lambda: keras.optimizers.Lion(2e-4, beta_1=0.95, beta_2=0.95)),
@@ -117,11 +129,16 @@ def block_until_ready(result):
 def make_problem(shapes, dtype, seed=0):
     rng = np.random.default_rng(seed)
     variables = [
-        keras.Variable(rng.standard_normal(shape).astype(np.float32).astype(numpy_dtype(dtype)), dtype=dtype)
+        keras.Variable(
+            rng.standard_normal(shape).astype(np.float32).astype(numpy_dtype(dtype)),
+            dtype=dtype,
+        )
         for shape in shapes
     ]
     gradients = [
-        keras.ops.convert_to_tensor(rng.standard_normal(shape).astype(np.float32), dtype=dtype)
+        keras.ops.convert_to_tensor(
+            rng.standard_normal(shape).astype(np.float32), dtype=dtype
+        )
         for shape in shapes
     ]
     return variables, gradients
@@ -167,7 +184,9 @@ def jax_step(optimizer, variables, gradients):
     # The gradients are an argument, not a closed-over constant, so XLA
     # cannot fold functions of them (such as their sign) at compile time.
     def apply(variable_values, optimizer_values, gradient_values):
-        return optimizer.stateless_apply(optimizer_values, gradient_values, variable_values)
+        return optimizer.stateless_apply(
+            optimizer_values, gradient_values, variable_values
+        )
 
     apply = jax.jit(apply, donate_argnums=(0, 1))
     values = {
@@ -183,7 +202,9 @@ def jax_step(optimizer, variables, gradients):
 
     # XLA's own account of the compiled step's temporaries (everything it
     # allocates besides the arguments and the results, which are donated).
-    compiled = apply.lower(values["variables"], values["optimizer"], gradients).compile()
+    compiled = apply.lower(
+        values["variables"], values["optimizer"], gradients
+    ).compile()
     step.temporary_bytes = compiled.memory_analysis().temp_size_in_bytes
     step.compiled_bytes = compiled_bytes_accessed(compiled)
     return step
@@ -212,10 +233,15 @@ def jax_floor(state, variables, gradients):
         )
 
     copy = jax.jit(copy, donate_argnums=(0, 1))
-    values = {"variables": [jnp.array(v.value) for v in variables], "state": [jnp.array(s.value) for s in state]}
+    values = {
+        "variables": [jnp.array(v.value) for v in variables],
+        "state": [jnp.array(s.value) for s in state],
+    }
 
     def step():
-        values["variables"], values["state"] = copy(values["variables"], values["state"], gradients)
+        values["variables"], values["state"] = copy(
+            values["variables"], values["state"], gradients
+        )
         return values["variables"]
 
     return step
@@ -236,7 +262,9 @@ def prepare(label, factory, shapes, dtype, xla):
     # The floor runs on its own copy of the problem and of the state, so
     # that it does not disturb the optimizer's.
     floor_variables, floor_gradients = make_problem(shapes, dtype, seed=1)
-    floor_state = [keras.Variable(keras.ops.zeros(s.shape, s.dtype), dtype=s.dtype) for s in state]
+    floor_state = [
+        keras.Variable(keras.ops.zeros(s.shape, s.dtype), dtype=s.dtype) for s in state
+    ]
     if BACKEND == "tensorflow":
         step = tensorflow_step(optimizer, variables, gradients, xla)
         floor = tensorflow_floor(floor_state, floor_variables, floor_gradients)
@@ -252,7 +280,9 @@ def prepare(label, factory, shapes, dtype, xla):
         "bytes_per_param": moved / parameters,
         "temporary_mib": getattr(step, "temporary_bytes", None),
         "compiled_bytes_per_param": (
-            step.compiled_bytes / parameters if getattr(step, "compiled_bytes", None) else None
+            step.compiled_bytes / parameters
+            if getattr(step, "compiled_bytes", None)
+            else None
         ),
         "largest_mib": max(nbytes(v) for v in variables) / 2**20,
     }
@@ -285,7 +315,11 @@ def format_rows(rows, baselines):
     memory_header = "| XLA bytes / param | temporaries MiB " if with_memory else ""
     header = (
         "| optimizer | backend | dtype | XLA | ms / step | Mparams / s | bytes / param moved "
-        "| x floor | " + " | ".join(f"x {name}" for name in baselines) + " " + memory_header + "|"
+        "| x floor | "
+        + " | ".join(f"x {name}" for name in baselines)
+        + " "
+        + memory_header
+        + "|"
     )
     lines = [header, "|" + "---|" * (8 + len(baselines) + (2 if with_memory else 0))]
     for row in rows:
@@ -293,14 +327,27 @@ def format_rows(rows, baselines):
         ratios = []
         for name in baselines:
             base = next(
-                (r for r in rows if r["optimizer"] == name and (r["dtype"], r["xla"]) == key), None
+                (
+                    r
+                    for r in rows
+                    if r["optimizer"] == name and (r["dtype"], r["xla"]) == key
+                ),
+                None,
             )
-            ratios.append(f"{median_ratio(row['blocks'], base['blocks']):.2f}" if base else "-")
+            ratios.append(
+                f"{median_ratio(row['blocks'], base['blocks']):.2f}" if base else "-"
+            )
         lines.append(
             f"| {row['optimizer']} | {row['backend']} | {row['dtype']} | {row['xla']} | "
             f"{row['ms']:.2f} | {row['params_per_second'] / 1e6:.0f} | {row['bytes_per_param']:.1f} | "
-            f"{row['x_floor']:.2f} | " + " | ".join(ratios) + " |"
-            + (f" {format_optional(row['compiled_bytes_per_param'], '.1f')} | {row['temporary_mib']:.2f} |" if with_memory else "")
+            f"{row['x_floor']:.2f} | "
+            + " | ".join(ratios)
+            + " |"
+            + (
+                f" {format_optional(row['compiled_bytes_per_param'], '.1f')} | {row['temporary_mib']:.2f} |"
+                if with_memory
+                else ""
+            )
         )
     return "\n".join(lines)
 
@@ -314,7 +361,9 @@ def check_targets(rows):
     users get it by default (off on TensorFlow, on with JAX)."""
     default_xla = "off" if BACKEND == "tensorflow" else "on"
     by_name = {
-        row["optimizer"]: row for row in rows if row["dtype"] == "float32" and row["xla"] == default_xla
+        row["optimizer"]: row
+        for row in rows
+        if row["dtype"] == "float32" and row["xla"] == default_xla
     }
     checks = []
 
@@ -347,14 +396,20 @@ def check_targets(rows):
             checks.append((f"{name} <= {bound} x {other}", ratio(name, other), bound))
     lines = []
     for text, value, bound in checks:
-        lines.append(f"{'PASS' if value <= bound else 'FAIL'}  {text}: measured {value:.2f}")
+        lines.append(
+            f"{'PASS' if value <= bound else 'FAIL'}  {text}: measured {value:.2f}"
+        )
     if BACKEND == "jax":
         # Context for the floor targets: what XLA compiled the step into,
         # in its own count of bytes (a loop of its own counts once, so
         # none is given for a step with one).
         for name, other, bound in targets:
             row = by_name.get(name)
-            if row is None or row.get("compiled_bytes_per_param") is None or other is not None:
+            if (
+                row is None
+                or row.get("compiled_bytes_per_param") is None
+                or other is not None
+            ):
                 continue
             lines.append(
                 f"note  {name}: the compiled step moves {row['compiled_bytes_per_param']:.1f} bytes / param "
@@ -365,17 +420,25 @@ def check_targets(rows):
         # Context for the GradSign target, which is the ratio of the bytes
         # the two move: the ratio of their floors (copies of those bytes)
         # measured in the same rounds.
-        floors = median_ratio(by_name["GradSign"]["floor_blocks"], by_name["Soma"]["floor_blocks"])
-        lines.append(f"note  GradSign's floor / Soma's floor in the same run: {floors:.2f}")
+        floors = median_ratio(
+            by_name["GradSign"]["floor_blocks"], by_name["Soma"]["floor_blocks"]
+        )
+        lines.append(
+            f"note  GradSign's floor / Soma's floor in the same run: {floors:.2f}"
+        )
     return lines
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
-    parser.add_argument("--repeats", type=int, default=5, help="timed blocks (median taken)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed blocks (median taken)"
+    )
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--skip-small", action="store_true", help="skip the CNN-variables case")
+    parser.add_argument(
+        "--skip-small", action="store_true", help="skip the CNN-variables case"
+    )
     parser.add_argument(
         "--only",
         nargs="+",
@@ -384,19 +447,29 @@ def main(argv=None):
         help="time only the keras_soma optimizers whose label starts with one of these "
         "(e.g. --only SM3); Keras's optimizers are always timed, as the baselines",
     )
-    parser.add_argument("--no-xla-on", action="store_true", help="TensorFlow: skip the XLA-on rows")
     parser.add_argument(
-        "--output", default=None, help="also write the tables and target checks to this Markdown file"
+        "--no-xla-on", action="store_true", help="TensorFlow: skip the XLA-on rows"
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="also write the tables and target checks to this Markdown file",
     )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be >= 1")
 
-    xla_modes = ([False] if args.no_xla_on else [False, True]) if BACKEND == "tensorflow" else [True]
+    xla_modes = (
+        ([False] if args.no_xla_on else [False, True])
+        if BACKEND == "tensorflow"
+        else [True]
+    )
     cases = [
         (label, factory)
         for label, factory in optimizer_cases()
-        if label.startswith("Keras") or args.only is None or label.startswith(tuple(args.only))
+        if label.startswith("Keras")
+        or args.only is None
+        or label.startswith(tuple(args.only))
     ]
     baselines = ["Keras Lion", "Keras Adam", "Keras Adagrad", "Keras SGD"]
     import platform
@@ -408,7 +481,9 @@ def main(argv=None):
         print(text, flush=True)
         report.append(text)
 
-    command = "python " + " ".join(shlex.quote(part) for part in ["benchmarks/step_speed.py", *sys.argv[1:]])
+    command = "python " + " ".join(
+        shlex.quote(part) for part in ["benchmarks/step_speed.py", *sys.argv[1:]]
+    )
     if BACKEND != "tensorflow":
         command = f"KERAS_BACKEND={BACKEND} {command}"
     emit(
@@ -416,16 +491,25 @@ def main(argv=None):
         f"{platform.machine()}, {os.cpu_count()} CPU cores; {args.repeats} interleaved rounds of {args.steps} steps, "
         "medians of the times and of the per-round ratios.\n"
     )
-    problems = [("16.8M parameters in four 2048 x 2048 matrices", LARGE_SHAPES, args.dtypes)]
+    problems = [
+        ("16.8M parameters in four 2048 x 2048 matrices", LARGE_SHAPES, args.dtypes)
+    ]
     if not args.skip_small:
-        problems.append(("the CNN's 8 variables (1.2M parameters)", CNN_SHAPES, ["float32"]))
+        problems.append(
+            ("the CNN's 8 variables (1.2M parameters)", CNN_SHAPES, ["float32"])
+        )
     all_rows = []
     for title, shapes, dtypes in problems:
         rows = []
         for dtype in dtypes:
             for xla in xla_modes:
-                print(f"  timing {len(cases)} optimizers, {dtype}, XLA {'on' if xla else 'off'} ...", flush=True)
-                group = measure_group(cases, shapes, dtype, xla, args.steps, args.repeats)
+                print(
+                    f"  timing {len(cases)} optimizers, {dtype}, XLA {'on' if xla else 'off'} ...",
+                    flush=True,
+                )
+                group = measure_group(
+                    cases, shapes, dtype, xla, args.steps, args.repeats
+                )
                 for row in group:
                     print(
                         f"  {row['optimizer']:18s} {dtype:8s} XLA {row['xla']:3s} {row['ms']:8.2f} ms "

@@ -13,7 +13,7 @@ import os
 import shlex
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import keras
 import numpy as np
@@ -49,7 +49,7 @@ DISPLAY_NAMES = {
 }
 
 
-def make_optimizer(name: str, learning_rate: Optional[float] = None, **kwargs):
+def make_optimizer(name: str, learning_rate: float | None = None, **kwargs):
     """A fresh optimizer by name, at its defaults unless told otherwise."""
     if name not in OPTIMIZERS:
         raise ValueError(
@@ -66,8 +66,8 @@ def make_optimizer(name: str, learning_rate: Optional[float] = None, **kwargs):
 DEFAULT_DATA_DIR_HELP = "TFDS_DATA_DIR, else ~/tensorflow_datasets"
 
 
-@functools.lru_cache(maxsize=None)
-def _decoded_splits(data_dir: Optional[str], manual_dir: Optional[str]):
+@functools.cache
+def _decoded_splits(data_dir: str | None, manual_dir: str | None):
     """The decoded, [0, 1]-scaled train and test splits, cached in memory.
 
     Cached per process so that a second run (another example called from
@@ -80,9 +80,7 @@ def _decoded_splits(data_dir: Optional[str], manual_dir: Optional[str]):
         download_and_prepare_kwargs = None
         if manual_dir is not None:
             download_and_prepare_kwargs = {
-                "download_config": tfds.download.DownloadConfig(
-                    manual_dir=manual_dir
-                )
+                "download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)
             }
         return tfds.load(
             "fashion_mnist",
@@ -97,7 +95,9 @@ def _decoded_splits(data_dir: Optional[str], manual_dir: Optional[str]):
         train, test = load(download=False)
     except Exception:  # not prepared locally: let tfds build it
         source = f"the files in {manual_dir}" if manual_dir else "the internet"
-        print(f"fashion_mnist is not prepared locally; tfds will build it from {source}.")
+        print(
+            f"fashion_mnist is not prepared locally; tfds will build it from {source}."
+        )
         try:
             train, test = load(download=True)
         except Exception as error:
@@ -125,9 +125,9 @@ def _decoded_splits(data_dir: Optional[str], manual_dir: Optional[str]):
 def load_fashion_mnist(
     batch_size: int,
     seed: int,
-    steps_per_epoch: Optional[int] = None,
-    data_dir: Optional[str] = None,
-    manual_dir: Optional[str] = None,
+    steps_per_epoch: int | None = None,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
 ):
     """`(train, test)` tf.data pipelines of fashion-MNIST via tfds.
 
@@ -202,8 +202,8 @@ class BatchLossRecorder(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self.losses: List[float] = []
-        self.epoch_seconds: List[float] = []
+        self.losses: list[float] = []
+        self.epoch_seconds: list[float] = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self._previous_mean = 0.0
@@ -237,11 +237,11 @@ def train_and_evaluate(
     test,
     epochs: int,
     seed: int,
-    learning_rate: Optional[float] = None,
+    learning_rate: float | None = None,
     verbose: int = 2,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     **optimizer_kwargs,
-) -> Dict[str, object]:
+) -> dict[str, object]:
     """Trains one model with one optimizer; returns its curve and figures.
 
     Args:
@@ -288,9 +288,7 @@ def train_and_evaluate(
     smoothed = smooth(recorder.losses)
     return {
         "optimizer": DISPLAY_NAMES.get(optimizer_name, optimizer_name),
-        "learning_rate": float(
-            keras.ops.convert_to_numpy(optimizer.learning_rate)
-        ),
+        "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
         "final_smoothed_loss": float(smoothed[-1]),
         "test_accuracy": float(test_accuracy),
         "seconds_per_epoch": float(np.mean(recorder.epoch_seconds)),
@@ -310,8 +308,8 @@ def compare_optimizers(
     test,
     epochs: int,
     seed: int,
-    learning_rate: Optional[float] = None,
-) -> List[Dict[str, object]]:
+    learning_rate: float | None = None,
+) -> list[dict[str, object]]:
     """Trains `build_model()` once per optimizer, each at its defaults
     (or at `learning_rate`), from the same initial weights; returns the
     rows of `train_and_evaluate`."""
@@ -351,9 +349,7 @@ def add_common_arguments(
     """Adds the arguments every example takes, with the given defaults:
     `--epochs --batch-size --seed --steps-per-epoch --output-dir
     --data-dir --manual-dir`."""
-    parser.add_argument(
-        "--epochs", type=int, default=epochs, help=f"default: {epochs}"
-    )
+    parser.add_argument("--epochs", type=int, default=epochs, help=f"default: {epochs}")
     parser.add_argument(
         "--batch-size", type=int, default=batch_size, help=f"default: {batch_size}"
     )
@@ -390,8 +386,7 @@ def check_common_arguments(parser: argparse.ArgumentParser, args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(
-                f"--{name.replace('_', '-')} must be an integer >= 1; "
-                f"received {value}"
+                f"--{name.replace('_', '-')} must be an integer >= 1; received {value}"
             )
     # The output and data directories are created when missing.
     for name in ("output_dir", "data_dir"):
@@ -403,8 +398,7 @@ def check_common_arguments(parser: argparse.ArgumentParser, args) -> None:
             )
     if args.manual_dir is not None and not os.path.isdir(args.manual_dir):
         parser.error(
-            "--manual-dir must be an existing directory; "
-            f"received {args.manual_dir!r}"
+            f"--manual-dir must be an existing directory; received {args.manual_dir!r}"
         )
 
 
@@ -420,11 +414,11 @@ def load_data(args):
 
 
 def epochs_text(epochs: int) -> str:
-    """"1 epoch", "5 epochs"."""
+    """ "1 epoch", "5 epochs"."""
     return f"{epochs} epoch" + ("" if epochs == 1 else "s")
 
 
-def command_line(script: str, argv: Optional[Sequence[str]] = None) -> str:
+def command_line(script: str, argv: Sequence[str] | None = None) -> str:
     """The shell command that ran `script` with `argv` (default: this
     process's arguments), for the "Produced by" line of the outputs."""
     arguments = sys.argv[1:] if argv is None else list(argv)
@@ -441,7 +435,7 @@ TABLE_COLUMNS = [
 ]
 
 
-def format_table(rows: Sequence[Dict[str, object]], columns=TABLE_COLUMNS) -> str:
+def format_table(rows: Sequence[dict[str, object]], columns=TABLE_COLUMNS) -> str:
     """A Markdown table of `rows` (dicts) with the given columns."""
     header = "| " + " | ".join(title for _, title, _ in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
@@ -483,7 +477,7 @@ def pyplot():
     return plt
 
 
-def output_paths(output_dir: str, stem: str) -> Dict[str, str]:
+def output_paths(output_dir: str, stem: str) -> dict[str, str]:
     """`{"png": ..., "md": ..., "csv": ...}` under `output_dir`, created."""
     os.makedirs(output_dir, exist_ok=True)
     return {
@@ -493,8 +487,8 @@ def output_paths(output_dir: str, stem: str) -> Dict[str, str]:
 
 
 def write_tables(
-    rows: Sequence[Dict[str, object]],
-    paths: Dict[str, str],
+    rows: Sequence[dict[str, object]],
+    paths: dict[str, str],
     title: str,
     command: str,
     columns=TABLE_COLUMNS,
@@ -514,7 +508,7 @@ def write_tables(
 
 
 def write_outputs(
-    rows: Sequence[Dict[str, object]],
+    rows: Sequence[dict[str, object]],
     output_dir: str,
     stem: str,
     title: str,
@@ -522,7 +516,7 @@ def write_outputs(
     columns=TABLE_COLUMNS,
     curve_key: str = "smoothed",
     label_key: str = "optimizer",
-) -> Dict[str, str]:
+) -> dict[str, str]:
     """Writes `<stem>.png` (smoothed loss curves), `<stem>.md` and
     `<stem>.csv`; returns their paths. The Markdown file says which command
     produced it and on what machine."""
@@ -597,7 +591,9 @@ def parse_comparison_args(description: str, argv=None):
     return args
 
 
-def run_comparison(args, build_model, stem: str, model_title: str, script: str, argv=None):
+def run_comparison(
+    args, build_model, stem: str, model_title: str, script: str, argv=None
+):
     """Trains `build_model()` with each chosen optimizer, then writes
     `<stem>.png/.md/.csv` and prints the table; returns the rows."""
     train, test = load_data(args)

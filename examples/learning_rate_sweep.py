@@ -32,7 +32,9 @@ LEARNING_RATES = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--optimizer", required=True, choices=sorted(common.OPTIMIZERS))
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=LEARNING_RATES)
+    parser.add_argument(
+        "--learning-rates", type=float, nargs="+", default=LEARNING_RATES
+    )
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--seed", type=int, default=SEED)
@@ -41,15 +43,22 @@ def main(argv=None):
     parser.add_argument("--output-dir", default="results")
     args = parser.parse_args(argv)
     if any(rate <= 0 for rate in args.learning_rates):
-        parser.error(f"--learning-rates must all be > 0; received {args.learning_rates}")
+        parser.error(
+            f"--learning-rates must all be > 0; received {args.learning_rates}"
+        )
 
-    train, test = common.load_fashion_mnist(args.batch_size, args.seed, args.steps_per_epoch)
+    train, test = common.load_fashion_mnist(
+        args.batch_size, args.seed, args.steps_per_epoch
+    )
     runs = [(args.optimizer, rate) for rate in args.learning_rates]
     if not args.no_baseline:
         runs.append(("adam", None))
     rows = []
     for name, rate in runs:
-        print(f"\n=== {common.DISPLAY_NAMES[name]} lr={rate if rate else 'default'} ===", flush=True)
+        print(
+            f"\n=== {common.DISPLAY_NAMES[name]} lr={rate if rate else 'default'} ===",
+            flush=True,
+        )
         row = common.train_and_evaluate(
             common.build_mlp, name, train, test, args.epochs, args.seed, rate
         )

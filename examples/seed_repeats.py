@@ -104,8 +104,16 @@ def plot(summaries, path: str, title: str) -> None:
     figure, axes = plt.subplots(figsize=(max(4.0, 1.6 * len(summaries) + 1.5), 4.5))
     for position, summary in enumerate(summaries):
         accuracies = summary["accuracies"]
-        axes.scatter([position] * len(accuracies), accuracies, s=28, alpha=0.8, zorder=3)
-        axes.hlines(summary["mean_test_accuracy"], position - 0.25, position + 0.25, colors="black", zorder=4)
+        axes.scatter(
+            [position] * len(accuracies), accuracies, s=28, alpha=0.8, zorder=3
+        )
+        axes.hlines(
+            summary["mean_test_accuracy"],
+            position - 0.25,
+            position + 0.25,
+            colors="black",
+            zorder=4,
+        )
     axes.set_xticks(range(len(summaries)))
     axes.set_xticklabels([summary["optimizer"] for summary in summaries])
     axes.set_xlim(-0.6, len(summaries) - 0.4)

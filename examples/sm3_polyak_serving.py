@@ -41,10 +41,10 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import fashion_mnist_common as common  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import fashion_mnist_common as common  # noqa: E402
 import keras_soma  # noqa: E402
 from keras_soma.memory import state_bytes_per_parameter  # noqa: E402
 
@@ -119,9 +119,7 @@ def parse_args(argv=None):
             f"--averaging-decay must lie in (0, 1); received {args.averaging_decay}"
         )
     if args.export_dir is not None and os.path.exists(args.export_dir):
-        parser.error(
-            f"--export-dir must not exist yet; received {args.export_dir!r}"
-        )
+        parser.error(f"--export-dir must not exist yet; received {args.export_dir!r}")
     return args
 
 
@@ -177,9 +175,7 @@ def write_plot(path, title, learning_rates, raw_accuracies, averaged_accuracies)
     rate_axes.grid(True, alpha=0.3)
     epochs = np.arange(1, len(raw_accuracies) + 1)
     accuracy_axes.plot(epochs, raw_accuracies, marker="o", label="raw weights")
-    accuracy_axes.plot(
-        epochs, averaged_accuracies, marker="s", label="Polyak average"
-    )
+    accuracy_axes.plot(epochs, averaged_accuracies, marker="s", label="Polyak average")
     accuracy_axes.set_xlabel("epoch")
     accuracy_axes.set_ylabel("test accuracy")
     accuracy_axes.set_xticks(epochs)
@@ -286,9 +282,7 @@ def main(argv=None):
         f"served and the in-memory averaged logits: {largest_difference:.2g}."
     )
     paths = common.output_paths(args.output_dir, "sm3_polyak_serving")
-    learning_rates = keras.ops.convert_to_numpy(
-        schedule(keras.ops.arange(total_steps))
-    )
+    learning_rates = keras.ops.convert_to_numpy(schedule(keras.ops.arange(total_steps)))
     write_plot(
         paths["png"],
         title,

@@ -15,14 +15,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
 from keras import ops
 
-from keras_soma import _common
-from keras_soma import _fused
-from keras_soma import _sparse
+from keras_soma import _common, _fused, _sparse
 
 
 class KerasSomaOptimizer(keras.optimizers.Optimizer):
@@ -30,7 +29,7 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
 
     # Maps slot name -> attribute holding the per-variable list of state
     # variables (index-aligned with the trainable variables).
-    _slot_attributes: Dict[str, str] = {}
+    _slot_attributes: dict[str, str] = {}
     # Whether the optimizer offers the `lazy_sparse_updates` choice (its
     # state is all of its variable's shape, so `update_with` can take the
     # row path for it).
@@ -41,8 +40,8 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         learning_rate,
         name: str,
         skip_nonfinite: bool = False,
-        fused: Optional[bool] = None,
-        lazy_sparse_updates: Optional[bool] = None,
+        fused: bool | None = None,
+        lazy_sparse_updates: bool | None = None,
         **kwargs,
     ):
         _common.check_learning_rate(learning_rate)
@@ -95,8 +94,8 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         self,
         variable,
         slot: str,
-        dtype: Optional[str] = None,
-        shape: Optional[Sequence[int]] = None,
+        dtype: str | None = None,
+        shape: Sequence[int] | None = None,
         layout: Any = "follow",
         initializer="zeros",
     ):
@@ -140,7 +139,7 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
             self._stored_wider[id(state)] = dtype
         return state
 
-    def get_slots(self, variable) -> Dict[str, Any]:
+    def get_slots(self, variable) -> dict[str, Any]:
         """The optimizer state of one trainable variable, by slot name.
 
         Args:
@@ -191,9 +190,7 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
             )
             with keras.name_scope(self.name, caller=self):
                 self.build(variables)
-        finite = _common.all_finite(
-            _sparse.values_of(gradient) for gradient in grads
-        )
+        finite = _common.all_finite(_sparse.values_of(gradient) for gradient in grads)
         self._step_is_finite = finite
         try:
             super().apply(grads, trainable_variables)
@@ -299,8 +296,7 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
             )
             if finite is not None:
                 results = [
-                    ops.where(finite, new, old)
-                    for new, old in zip(results, values)
+                    ops.where(finite, new, old) for new, old in zip(results, values)
                 ]
             return [
                 ops.cast(ops.cast(result, dtype), target.dtype)
@@ -387,9 +383,7 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {"skip_nonfinite": self.skip_nonfinite, "fused": self.fused}
-        )
+        config.update({"skip_nonfinite": self.skip_nonfinite, "fused": self.fused})
         if self._offers_lazy_sparse_updates:
             config["lazy_sparse_updates"] = self.lazy_sparse_updates
         return config

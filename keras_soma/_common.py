@@ -9,7 +9,8 @@ ignores NaN.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import keras
 from keras import ops
@@ -30,8 +31,8 @@ def _describe_interval(low, high, low_inclusive, high_inclusive) -> str:
 def check_number(
     name: str,
     value: Any,
-    low: Optional[float] = None,
-    high: Optional[float] = None,
+    low: float | None = None,
+    high: float | None = None,
     low_inclusive: bool = True,
     high_inclusive: bool = True,
 ) -> float:
@@ -43,8 +44,7 @@ def check_number(
     """
     interval = _describe_interval(low, high, low_inclusive, high_inclusive)
     message = (
-        f"Argument `{name}` must be a number in {interval}; "
-        f"received: {name}={value!r}"
+        f"Argument `{name}` must be a number in {interval}; received: {name}={value!r}"
     )
     if isinstance(value, bool):
         raise ValueError(message)
@@ -56,9 +56,7 @@ def check_number(
         raise ValueError(message)
     if low is not None and (number < low or (number == low and not low_inclusive)):
         raise ValueError(message)
-    if high is not None and (
-        number > high or (number == high and not high_inclusive)
-    ):
+    if high is not None and (number > high or (number == high and not high_inclusive)):
         raise ValueError(message)
     return number
 
@@ -67,8 +65,7 @@ def check_integer(name: str, value: Any, low: int) -> int:
     """Returns `value` as an int >= `low`, or raises a ValueError."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(
-            f"Argument `{name}` must be an integer >= {low}; "
-            f"received: {name}={value!r}"
+            f"Argument `{name}` must be an integer >= {low}; received: {name}={value!r}"
         )
     return value
 
@@ -78,8 +75,7 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     if value not in choices:
         allowed = ", ".join(repr(choice) for choice in choices)
         raise ValueError(
-            f"Argument `{name}` must be one of {allowed}; "
-            f"received: {name}={value!r}"
+            f"Argument `{name}` must be one of {allowed}; received: {name}={value!r}"
         )
     return value
 
@@ -191,9 +187,7 @@ def saturating_cast(values, dtype):
 def all_finite(tensors: Iterable[Any]):
     """A scalar boolean tensor: True when every element of every tensor is
     finite (gradients given as `None` are ignored)."""
-    flags = [
-        ops.all(ops.isfinite(tensor)) for tensor in tensors if tensor is not None
-    ]
+    flags = [ops.all(ops.isfinite(tensor)) for tensor in tensors if tensor is not None]
     if not flags:
         return ops.convert_to_tensor(True)
     result = flags[0]
@@ -244,4 +238,3 @@ def state_name(variable, slot: str) -> str:
     """`{variable path}_{slot}`, the naming Keras uses for optimizer state."""
     path = getattr(variable, "path", None) or str(variable.name)
     return f"{path.replace('/', '_').replace(':', '_')}_{slot}"
-

@@ -32,9 +32,7 @@ def available() -> bool:
         return False
     if tf.distribute.has_strategy():
         return False
-    if _op_determinism_enabled():
-        return False
-    return True
+    return not _op_determinism_enabled()
 
 
 def _op_determinism_enabled() -> bool:

@@ -19,8 +19,6 @@ TensorFlow and JAX depend on.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
-
 import numpy as np
 
 try:  # bfloat16 for numpy; installed with TensorFlow and with JAX.
@@ -30,7 +28,7 @@ try:  # bfloat16 for numpy; installed with TensorFlow and with JAX.
 except ImportError:  # pragma: no cover - only without both backends
     _EXTRA_DTYPES = {}
 
-State = Dict[str, np.ndarray]
+State = dict[str, np.ndarray]
 
 
 def numpy_dtype(name) -> np.dtype:
@@ -45,7 +43,7 @@ def _cast_learning_rate(learning_rate, dtype) -> np.ndarray:
     return np.asarray(np.float32(learning_rate)).astype(dtype)
 
 
-def apply_weight_decay(variable, learning_rate, weight_decay: Optional[float]):
+def apply_weight_decay(variable, learning_rate, weight_decay: float | None):
     """Keras's decoupled weight decay: theta - theta * wd * lr."""
     if weight_decay is None:
         return variable
@@ -65,9 +63,7 @@ def sign_with_zero(values: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def soma_init(
-    variable: np.ndarray, momentum_dtype: str = "float32", **unused
-) -> State:
+def soma_init(variable: np.ndarray, momentum_dtype: str = "float32", **unused) -> State:
     return {"momentum": np.zeros(variable.shape, numpy_dtype(momentum_dtype))}
 
 
@@ -76,10 +72,10 @@ def soma_step(
     gradient: np.ndarray,
     state: State,
     learning_rate: float,
-    weight_decay: Optional[float] = None,
+    weight_decay: float | None = None,
     momentum: float = 0.95,
     momentum_dtype: str = "float32",
-) -> Tuple[np.ndarray, State]:
+) -> tuple[np.ndarray, State]:
     """m <- momentum * m + (1 - momentum) * g;  theta <- theta - lr * sign(m)."""
     dtype = variable.dtype
     variable = apply_weight_decay(variable, learning_rate, weight_decay)
@@ -116,8 +112,8 @@ def gradsign_step(
     gradient: np.ndarray,
     state: State,
     learning_rate: float,
-    weight_decay: Optional[float] = None,
-) -> Tuple[np.ndarray, State]:
+    weight_decay: float | None = None,
+) -> tuple[np.ndarray, State]:
     """c <- c - floor((c+4)/8) + 8 sign(g);  theta <- theta - lr * c / 64."""
     dtype = variable.dtype
     variable = apply_weight_decay(variable, learning_rate, weight_decay)
@@ -177,7 +173,9 @@ def _sm3_nu_and_accumulators(squares, accumulators, variant, beta_2):
     rank = squares.ndim
 
     def minimum_over_cover(vectors):
-        broadcast = [_sm3_broadcast(vector, axis, rank) for axis, vector in vectors.items()]
+        broadcast = [
+            _sm3_broadcast(vector, axis, rank) for axis, vector in vectors.items()
+        ]
         result = broadcast[0]
         for vector in broadcast[1:]:
             result = np.minimum(result, vector)
@@ -227,12 +225,12 @@ def sm3_step(
     gradient: np.ndarray,
     state: State,
     learning_rate: float,
-    weight_decay: Optional[float] = None,
+    weight_decay: float | None = None,
     momentum: float = 0.9,
     beta_2: float = 1.0,
     epsilon: float = 1e-30,
     variant: str = "II",
-) -> Tuple[np.ndarray, State]:
+) -> tuple[np.ndarray, State]:
     """One dense SM3 step (variant I or II, sums or moving averages).
 
     II: nu = min_r A_r + g^2, A_r <- max of nu over the other axes.
@@ -251,8 +249,14 @@ def sm3_step(
         accumulators = {None: state["accumulator"]}
     nu, new = _sm3_nu_and_accumulators(squares, accumulators, variant, beta_2)
     new_variable, new_momentum = _sm3_move(
-        variable, gradient, nu, state.get("momentum"), learning_rate, momentum,
-        beta_2, epsilon,
+        variable,
+        gradient,
+        nu,
+        state.get("momentum"),
+        learning_rate,
+        momentum,
+        beta_2,
+        epsilon,
     )
     if variable.ndim >= 2:
         new_state = {f"accumulator_{axis}": new[axis] for axis in range(variable.ndim)}
@@ -278,12 +282,12 @@ def sm3_sparse_step(
     values: np.ndarray,
     state: State,
     learning_rate: float,
-    weight_decay: Optional[float] = None,
+    weight_decay: float | None = None,
     momentum: float = 0.9,
     beta_2: float = 1.0,
     epsilon: float = 1e-30,
     variant: str = "II",
-) -> Tuple[np.ndarray, State]:
+) -> tuple[np.ndarray, State]:
     """The row path of SM3 for a row-sliced gradient (`values[i]` is the
     gradient of row `indices[i]`; repeated rows are summed).
 
@@ -320,7 +324,14 @@ def sm3_sparse_step(
 
 
 def _lazy_rows_step(
-    step, variable, indices, values, state, learning_rate, weight_decay, **hyperparameters
+    step,
+    variable,
+    indices,
+    values,
+    state,
+    learning_rate,
+    weight_decay,
+    **hyperparameters,
 ):
     """An element-wise `step` applied to the rows present and nothing else."""
     rows, summed = summed_rows(indices, values)
@@ -346,18 +357,25 @@ def soma_sparse_step(
     values: np.ndarray,
     state: State,
     learning_rate: float,
-    weight_decay: Optional[float] = None,
+    weight_decay: float | None = None,
     momentum: float = 0.95,
     momentum_dtype: str = "float32",
-) -> Tuple[np.ndarray, State]:
+) -> tuple[np.ndarray, State]:
     """Soma with `lazy_sparse_updates=True` on a row-sliced gradient
     (`values[i]` is the gradient of row `indices[i]`; repeated rows are
     summed): `soma_step` on the rows present; every other row of the
     variable and of the momentum is left exactly as it was (no decay of
     the average, no move, no weight decay)."""
     return _lazy_rows_step(
-        soma_step, variable, indices, values, state, learning_rate, weight_decay,
-        momentum=momentum, momentum_dtype=momentum_dtype,
+        soma_step,
+        variable,
+        indices,
+        values,
+        state,
+        learning_rate,
+        weight_decay,
+        momentum=momentum,
+        momentum_dtype=momentum_dtype,
     )
 
 
@@ -367,8 +385,8 @@ def gradsign_sparse_step(
     values: np.ndarray,
     state: State,
     learning_rate: float,
-    weight_decay: Optional[float] = None,
-) -> Tuple[np.ndarray, State]:
+    weight_decay: float | None = None,
+) -> tuple[np.ndarray, State]:
     """GradSign with `lazy_sparse_updates=True` on a row-sliced gradient:
     `gradsign_step` on the rows present (repeated rows summed first);
     every other row of the variable and of the counter is left exactly as

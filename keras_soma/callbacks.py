@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from typing import Any, Dict, Iterator, List, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import keras
 import numpy as np
@@ -126,7 +127,7 @@ class PolyakAveraging(keras.callbacks.Callback):
 
     def __init__(
         self,
-        decay: Optional[float] = 0.999,
+        decay: float | None = 0.999,
         dynamic_decay: bool = False,
         start_step: int = 0,
         update_every: int = 1,
@@ -158,18 +159,16 @@ class PolyakAveraging(keras.callbacks.Callback):
         self.decay = decay
         self.dynamic_decay = dynamic_decay
         self.start_step = _common.check_integer("start_step", start_step, 0)
-        self.update_every = _common.check_integer(
-            "update_every", update_every, 1
-        )
+        self.update_every = _common.check_integer("update_every", update_every, 1)
         self.evaluate_with_average = _check_bool(
             "evaluate_with_average", evaluate_with_average
         )
         self.at_train_end = _common.check_choice(
             "at_train_end", at_train_end, ("keep", "apply")
         )
-        self._state: Optional[_AveragingState] = None
+        self._state: _AveragingState | None = None
         self._state_model = None
-        self._pending_state: Optional[Dict[str, Any]] = None
+        self._pending_state: dict[str, Any] | None = None
         self._update_function = None
         self._update_key = ()
         self._check_before_next_batch = False
@@ -192,7 +191,7 @@ class PolyakAveraging(keras.callbacks.Callback):
         return int(ops.convert_to_numpy(self._state.num_updates))
 
     @property
-    def averages(self) -> List[keras.Variable]:
+    def averages(self) -> list[keras.Variable]:
         """The Keras variables holding the averages.
 
         Index-aligned with `model.trainable_variables`. Inside `averaged()`
@@ -218,8 +217,7 @@ class PolyakAveraging(keras.callbacks.Callback):
         self._require_started("averaged()")
         if self._state.swapped:
             raise ValueError(
-                "The model already holds the averages: `averaged()` "
-                "cannot be nested."
+                "The model already holds the averages: `averaged()` cannot be nested."
             )
         self._swap()
         try:
@@ -249,7 +247,7 @@ class PolyakAveraging(keras.callbacks.Callback):
             ):
                 weight.assign(ops.convert_to_tensor(average))
 
-    def get_state(self) -> Dict[str, Any]:
+    def get_state(self) -> dict[str, Any]:
         """The averaging state as numpy values.
 
         Returns:
@@ -261,7 +259,7 @@ class PolyakAveraging(keras.callbacks.Callback):
         self._require_state("get_state()")
         return self._state.values()
 
-    def set_state(self, state: Dict[str, Any]) -> None:
+    def set_state(self, state: dict[str, Any]) -> None:
         """Sets the averaging state from `get_state()`'s dict.
 
         Before the callback is attached to a model, the state is kept and
@@ -534,7 +532,7 @@ class _AveragingState(keras.layers.Layer):
     def started(self) -> bool:
         return int(ops.convert_to_numpy(self.last_step)) >= 0
 
-    def values(self) -> Dict[str, Any]:
+    def values(self) -> dict[str, Any]:
         averages = self.model_variables if self.swapped else self.averages
         return {
             "averages": [
@@ -544,11 +542,9 @@ class _AveragingState(keras.layers.Layer):
             "last_step": int(ops.convert_to_numpy(self.last_step)),
         }
 
-    def assign_values(self, state: Dict[str, Any]) -> None:
+    def assign_values(self, state: dict[str, Any]) -> None:
         if self.swapped:
-            raise ValueError(
-                "The averaging state cannot be set inside `averaged()`."
-            )
+            raise ValueError("The averaging state cannot be set inside `averaged()`.")
         averages = state["averages"]
         if len(averages) != len(self.averages):
             raise ValueError(
@@ -625,7 +621,7 @@ class _Links:
 class _Schedule:
     """The callback's averaging settings, constants of the compiled update."""
 
-    decay: Optional[float]
+    decay: float | None
     dynamic_decay: bool
     start_step: int
     update_every: int
@@ -702,8 +698,10 @@ def _make_tensorflow_update(state, iterations, schedule):
     def update():
         iteration = ops.convert_to_tensor(iterations)
         active, keep, take, new_num_updates = _plan_update(
-            iteration, ops.convert_to_tensor(state.last_step),
-            ops.convert_to_tensor(state.num_updates), schedule,
+            iteration,
+            ops.convert_to_tensor(state.last_step),
+            ops.convert_to_tensor(state.num_updates),
+            schedule,
         )
 
         def write():
@@ -820,13 +818,12 @@ def _check_npz_path(filepath) -> str:
     filepath = str(filepath)
     if not filepath.endswith(".npz"):
         raise ValueError(
-            "Argument `filepath` must end in `.npz`; "
-            f"received: filepath={filepath!r}"
+            f"Argument `filepath` must end in `.npz`; received: filepath={filepath!r}"
         )
     return filepath
 
 
-def _check_state_dict(state) -> Dict[str, Any]:
+def _check_state_dict(state) -> dict[str, Any]:
     if not isinstance(state, dict) or not {
         "averages",
         "num_updates",

@@ -133,6 +133,4 @@ class GradSign(KerasSomaOptimizer):
         """Updates the counter of `variable` and moves it by
         `learning_rate * c / 64`."""
         counter = self._sign_counters[self._get_variable_index(variable)]
-        self.update_with(
-            gradsign_update, variable, gradient, [counter], learning_rate
-        )
+        self.update_with(gradsign_update, variable, gradient, [counter], learning_rate)

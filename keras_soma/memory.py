@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -56,8 +56,7 @@ def state_bytes_per_parameter(optimizer, trainable_variables: Iterable) -> float
     ```
     """
     parameters = sum(
-        int(np.prod(variable.shape, dtype=np.int64))
-        for variable in trainable_variables
+        int(np.prod(variable.shape, dtype=np.int64)) for variable in trainable_variables
     )
     if parameters == 0:
         raise ValueError("Argument `trainable_variables` holds no parameters.")

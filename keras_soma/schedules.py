@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import keras
 from keras import ops
@@ -70,7 +69,7 @@ class WarmupCooldown(keras.optimizers.schedules.LearningRateSchedule):
         learning_rate: float,
         warmup_steps: int = 0,
         power: float = 2.0,
-        total_steps: Optional[int] = None,
+        total_steps: int | None = None,
         cooldown_steps: int = 0,
         name: str = "WarmupCooldown",
     ):
@@ -90,9 +89,7 @@ class WarmupCooldown(keras.optimizers.schedules.LearningRateSchedule):
         if total_steps is not None:
             total_steps = _common.check_integer("total_steps", total_steps, 1)
         self.total_steps = total_steps
-        self.cooldown_steps = _common.check_integer(
-            "cooldown_steps", cooldown_steps, 0
-        )
+        self.cooldown_steps = _common.check_integer("cooldown_steps", cooldown_steps, 0)
         if self.cooldown_steps > 0 and total_steps is None:
             raise ValueError(
                 "Argument `total_steps` must be an integer >= 1 when "

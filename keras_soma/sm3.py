@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import keras
 from keras import ops
 
-from keras_soma import _common
-from keras_soma import _sparse
+from keras_soma import _common, _sparse
 from keras_soma._base import KerasSomaOptimizer
 
 VARIANTS = ("I", "II")
@@ -41,7 +40,7 @@ def update_bound(beta_2: float) -> float:
     return 1.0 if beta_2 == 1.0 else 1.0 / math.sqrt(1.0 - beta_2)
 
 
-def _expand(accumulator, axis: Optional[int], rank: int):
+def _expand(accumulator, axis: int | None, rank: int):
     """An accumulator reshaped to broadcast against the variable: the
     vector of `axis` as `[1, .., dim, .., 1]`; a full-size one as is."""
     if axis is None or rank <= 1:
@@ -51,7 +50,7 @@ def _expand(accumulator, axis: Optional[int], rank: int):
     return ops.reshape(accumulator, shape)
 
 
-def _reduce_to(values, axis: Optional[int], rank: int):
+def _reduce_to(values, axis: int | None, rank: int):
     """The maximum of `values` over every axis but `axis` (the value of
     each slice of codimension one), or `values` itself for a full-size
     accumulator."""
@@ -100,7 +99,7 @@ def _preconditioned(gradient, nu, beta_2: float, epsilon: float):
 def sm3_precondition(
     gradient,
     accumulators: Sequence,
-    axes: Sequence[Optional[int]],
+    axes: Sequence[int | None],
     variant: str,
     beta_2: float,
     epsilon: float,
@@ -161,7 +160,7 @@ def sm3_update(
     accumulators: Sequence,
     momentum_value,
     learning_rate,
-    axes: Sequence[Optional[int]],
+    axes: Sequence[int | None],
     variant: str,
     momentum: float,
     beta_2: float,
@@ -191,7 +190,7 @@ BLOCK_ELEMENTS = 2**15
 MIN_BLOCKED_ELEMENTS = 2**18
 
 
-def block_rows(shape: Sequence[int]) -> Optional[int]:
+def block_rows(shape: Sequence[int]) -> int | None:
     """Rows per block of the row-blocked path for a variable of `shape`,
     or None where that path does not apply (rank < 2, or too small)."""
     if len(shape) < 2 or any(dimension is None for dimension in shape):
@@ -245,7 +244,10 @@ def sm3_update_blocked(
     def accumulate_block(start, rows, carry):
         first_axis, other_axes = carry
         block = ops.slice(gradient, [start] + [0] * (rank - 1), [rows, *shape[1:]])
-        block_accumulators = [ops.slice(accumulators[0], [start], [rows]), *accumulators[1:]]
+        block_accumulators = [
+            ops.slice(accumulators[0], [start], [rows]),
+            *accumulators[1:],
+        ]
         nu = _variant_two_nu(block, block_accumulators, axes, beta_2)
         first_axis = ops.slice_update(first_axis, [start], _reduce_to(nu, 0, rank))
         # nu >= 0, so 0 is the identity of the running maximum.
@@ -410,9 +412,7 @@ class SM3(KerasSomaOptimizer):
         momentum = _common.check_number(
             "momentum", momentum, 0.0, 1.0, high_inclusive=False
         )
-        beta_2 = _common.check_number(
-            "beta_2", beta_2, 0.0, 1.0, low_inclusive=False
-        )
+        beta_2 = _common.check_number("beta_2", beta_2, 0.0, 1.0, low_inclusive=False)
         epsilon = _common.check_number(
             "epsilon", epsilon, 0.0, math.inf, high_inclusive=False
         )
@@ -518,7 +518,7 @@ class SM3(KerasSomaOptimizer):
         momentum_part = [] if momentum_value is None else [momentum_value]
         update(step, variable, gradient, [*accumulators, *momentum_part], learning_rate)
 
-    def _rows_per_block(self, variable) -> Optional[int]:
+    def _rows_per_block(self, variable) -> int | None:
         """Rows per block where the dense update of `variable` runs block
         by block (`sm3_update_blocked`), else None.
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import keras
 from keras import ops
 
 from keras_soma import _common
@@ -14,8 +13,9 @@ def soma_update(value, gradient, momentum_value, learning_rate, momentum):
 
     The moving average is computed in float32 and stored in the momentum
     dtype (saturating at float16's largest finite value, so huge finite
-    gradients keep their sign rather than becoming Inf); the variable moves by exactly `learning_rate` times the sign of
-    the stored average, in the variable's dtype.
+    gradients keep their sign rather than becoming Inf); the variable
+    moves by exactly `learning_rate` times the sign of the stored average,
+    in the variable's dtype.
     """
     average = ops.add(
         ops.multiply(ops.cast(momentum_value, "float32"), momentum),
@@ -109,9 +109,7 @@ class Soma(KerasSomaOptimizer):
         momentum = _common.check_number(
             "momentum", momentum, 0.0, 1.0, high_inclusive=False
         )
-        momentum_dtype = _common.check_state_dtype(
-            "momentum_dtype", momentum_dtype
-        )
+        momentum_dtype = _common.check_state_dtype("momentum_dtype", momentum_dtype)
         super().__init__(
             learning_rate=learning_rate,
             name=name,

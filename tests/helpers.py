@@ -3,7 +3,7 @@ backend, random gradients, and comparisons with the numpy reference."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -22,7 +22,7 @@ MODES = ["eager", "compiled", "compiled_unfused"]
 TOLERANCE = {"float32": 2e-6, "float16": 2e-3, "bfloat16": 1.6e-2, "float64": 1e-12}
 
 
-def modes_for_backend() -> List[str]:
+def modes_for_backend() -> list[str]:
     if keras.backend.backend() == "tensorflow":
         return MODES
     return MODES[:2]
@@ -39,10 +39,12 @@ def make_stepper(optimizer, variables, mode: str) -> Callable:
     """Returns `step(gradients)` applying one update to `variables`."""
     backend = keras.backend.backend()
     if mode == "eager":
+
         def step(gradients):
             optimizer.apply(
                 [keras.ops.convert_to_tensor(g) for g in gradients], variables
             )
+
         return step
     traces = []  # a Python side effect runs once per trace
     if backend == "tensorflow":
@@ -96,7 +98,9 @@ def to_numpy(value) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(value))
 
 
-def assert_state_close(optimizer, variable, reference_state: Dict, dtype: str, context=""):
+def assert_state_close(
+    optimizer, variable, reference_state: dict, dtype: str, context=""
+):
     slots = optimizer.get_slots(variable)
     assert sorted(slots) == sorted(reference_state), (
         f"slot names {sorted(slots)} != reference {sorted(reference_state)}"

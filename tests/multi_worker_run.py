@@ -161,8 +161,9 @@ def main(argv=None):
     import numpy as np
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import keras_soma
     from registry import REGISTRY
+
+    import keras_soma
 
     images, labels, source = load_data(tf)
     options = tf.data.Options()

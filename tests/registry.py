@@ -9,7 +9,8 @@ the contract suite (`test_contract.py`) and the reference tests
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import keras_soma
 from keras_soma import _reference
@@ -26,29 +27,29 @@ class OptimizerSpec:
     reference_step: Callable
     # Constructor arguments (besides learning_rate) to check against the
     # reference; the first is the defaults.
-    reference_cases: List[Dict[str, Any]]
+    reference_cases: list[dict[str, Any]]
     # A learning rate at which fit() on the small test problem makes
     # progress within a few epochs.
     fit_learning_rate: float
     # Optimizer state bytes per parameter on the fashion-MNIST MLP
     # (scalars aside), by constructor arguments.
-    bytes_per_parameter: List[Tuple[Dict[str, Any], float]]
+    bytes_per_parameter: list[tuple[dict[str, Any], float]]
     # (constructor arguments, name of the argument the ValueError names).
-    bad_arguments: List[Tuple[Dict[str, Any], str]]
+    bad_arguments: list[tuple[dict[str, Any], str]]
     # Non-default constructor arguments for config round trips.
-    config_case: Dict[str, Any]
+    config_case: dict[str, Any]
     # Numeric arguments besides learning_rate and their valid ranges,
     # (low, high, low_inclusive, high_inclusive): property tests draw
     # values on both sides.
-    argument_ranges: Dict[str, Tuple[float, float, bool, bool]] = dataclasses.field(
+    argument_ranges: dict[str, tuple[float, float, bool, bool]] = dataclasses.field(
         default_factory=dict
     )
     # The numpy reference of the row path for a tf.IndexedSlices gradient,
     # step(variable, indices, values, state, learning_rate, weight_decay,
     # **hyper), and the constructor arguments that select that path; None
     # where the optimizer has no row path.
-    sparse_reference_step: Optional[Callable] = None
-    sparse_arguments: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    sparse_reference_step: Callable | None = None
+    sparse_arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -64,7 +65,7 @@ COMMON_BAD_ARGUMENTS = [
     ({"fused": 1}, "fused"),
 ]
 
-REGISTRY: Dict[str, OptimizerSpec] = {}
+REGISTRY: dict[str, OptimizerSpec] = {}
 
 
 def register(spec: OptimizerSpec) -> None:
@@ -177,7 +178,7 @@ register(
 )
 
 
-def exported_optimizers() -> List[type]:
+def exported_optimizers() -> list[type]:
     """Every optimizer class in `keras_soma.__all__`."""
     import keras
 

@@ -8,15 +8,13 @@ bit (everything runs on CPU, where Keras's training is deterministic).
 
 from __future__ import annotations
 
-import os
-
 import keras
 import numpy as np
 import pytest
+from conftest import LOGICAL_CPUS, requires_tensorflow
 
 import keras_soma
 from keras_soma.callbacks import PolyakAveraging
-from conftest import LOGICAL_CPUS, requires_tensorflow
 
 SAMPLES = 24
 BATCH_SIZE = 4

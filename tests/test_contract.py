@@ -12,11 +12,11 @@ import os
 import keras
 import numpy as np
 import pytest
+from helpers import make_stepper, random_gradient, to_numpy
+from registry import REGISTRY, exported_optimizers
 
 import keras_soma
-from helpers import make_stepper, random_gradient, to_numpy
 from keras_soma.memory import state_bytes_per_parameter
-from registry import REGISTRY, exported_optimizers
 
 SPECS = [pytest.param(spec, id=name) for name, spec in REGISTRY.items()]
 
@@ -283,9 +283,7 @@ def test_mixed_float16_under_loss_scale_optimizer(spec):
     keras.mixed_precision.set_dtype_policy("mixed_float16")
     inputs, targets = regression_problem()
     model = small_model()
-    model.compile(
-        optimizer=spec.cls(learning_rate=spec.fit_learning_rate), loss="mse"
-    )
+    model.compile(optimizer=spec.cls(learning_rate=spec.fit_learning_rate), loss="mse")
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     initial = model.evaluate(inputs, targets, verbose=0)
     model.fit(inputs, targets, epochs=8, batch_size=32, verbose=0)
@@ -375,7 +373,9 @@ def test_compiled_step_needs_at_most_one_variable_sized_temporary(spec):
         # Arguments in the order of the results, so that each donated
         # buffer can hold the result of the same variable.
         def step(variable_values, optimizer_values, gradient_values):
-            return optimizer.stateless_apply(optimizer_values, gradient_values, variable_values)
+            return optimizer.stateless_apply(
+                optimizer_values, gradient_values, variable_values
+            )
 
         compiled = (
             jax.jit(step, donate_argnums=(0, 1))
@@ -387,7 +387,13 @@ def test_compiled_step_needs_at_most_one_variable_sized_temporary(spec):
             .compile()
         )
         analysis = compiled.memory_analysis()
-        assert analysis.temp_size_in_bytes <= largest, (kwargs, analysis.temp_size_in_bytes, largest)
+        assert analysis.temp_size_in_bytes <= largest, (
+            kwargs,
+            analysis.temp_size_in_bytes,
+            largest,
+        )
         # Every variable and state tensor is updated in place: what is not
         # aliased to an argument is scalars and the results' tuple tables.
-        assert analysis.output_size_in_bytes - analysis.alias_size_in_bytes < 1024, kwargs
+        assert analysis.output_size_in_bytes - analysis.alias_size_in_bytes < 1024, (
+            kwargs
+        )

@@ -28,12 +28,12 @@ import time
 import keras
 import numpy as np
 import pytest
-
-import keras_soma
 from conftest import LOGICAL_CPUS, requires_jax, requires_tensorflow
 from helpers import TOLERANCE, to_numpy
-from keras_soma._reference import numpy_dtype
 from registry import REGISTRY
+
+import keras_soma
+from keras_soma._reference import numpy_dtype
 
 SPECS = [pytest.param(spec, id=name) for name, spec in REGISTRY.items()]
 # Each optimizer with its defaults and with its registry `config_case`
@@ -302,7 +302,9 @@ def run_workers(tmp_path):
             worker.wait()
     for index, worker in enumerate(workers):
         log = logs[index].read_text()[-3000:]
-        assert worker.returncode == 0, f"worker {index} ended with {worker.returncode}:\n{log}"
+        assert worker.returncode == 0, (
+            f"worker {index} ended with {worker.returncode}:\n{log}"
+        )
     return [np.load(output) for output in outputs]
 
 
@@ -337,7 +339,9 @@ def test_multi_worker_training_ends_identical_on_both_workers(tmp_path):
             continue
         prefix = f"{name}-config_case/optimizer/"
         momentums = [
-            key for key in first.files if key.startswith(prefix) and key.endswith("_momentum")
+            key
+            for key in first.files
+            if key.startswith(prefix) and key.endswith("_momentum")
         ]
         assert momentums, name
         for key in momentums:
@@ -389,11 +393,15 @@ def test_update_step_compiles_under_xla_and_is_traced_once(spec, options):
         optimizer.apply(gradients, variables)
 
     for step in range(4):
-        gradients = [rng.standard_normal(shape).astype("float32") for shape in XLA_SHAPES]
+        gradients = [
+            rng.standard_normal(shape).astype("float32") for shape in XLA_SHAPES
+        ]
         if step == 2 and arguments.get("skip_nonfinite"):
             gradients[0][0, 0] = np.nan  # a skipped step, same trace
         compiled_step([tf.constant(gradient) for gradient in gradients])
-        reference.apply([tf.constant(gradient) for gradient in gradients], reference_variables)
+        reference.apply(
+            [tf.constant(gradient) for gradient in gradients], reference_variables
+        )
     # Traced once for four steps, and compiled whole by XLA (with
     # jit_compile=True any op XLA cannot compile is an error, not a
     # fallback to the host).
@@ -442,7 +450,11 @@ def test_row_path_compiles_under_xla_and_is_traced_once(spec):
 def test_fit_with_jit_compile_keeps_xla_and_traces_the_update_once(spec):
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
-        [keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(4)]
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="tanh"),
+            keras.layers.Dense(4),
+        ]
     )
     optimizer = spec.cls(learning_rate=spec.fit_learning_rate)
     traces = []
@@ -498,7 +510,9 @@ def jax_distribution(kind):
     layout_map = keras.distribution.LayoutMap(mesh)
     for pattern, axes in MODEL_PARALLEL_LAYOUTS.items():
         layout_map[pattern] = axes
-    return keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+    return keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name="batch"
+    )
 
 
 def jax_model():
@@ -603,7 +617,9 @@ def test_jax_distributed_training_equals_one_device(spec, arguments, kind):
             model = jax_model()
             arguments_with_rate = {"learning_rate": spec.fit_learning_rate, **arguments}
             model.compile(optimizer=spec.cls(**arguments_with_rate), loss="mse")
-            model.fit(inputs, targets, batch_size=16, epochs=2, shuffle=False, verbose=0)
+            model.fit(
+                inputs, targets, batch_size=16, epochs=2, shuffle=False, verbose=0
+            )
         return model
 
     distributed = train(jax_distribution(kind))
@@ -614,7 +630,9 @@ def test_jax_distributed_training_equals_one_device(spec, arguments, kind):
         assert_model_parallel_layouts_applied(distributed)
     for variable in distributed.trainable_variables:
         assert_state_follows(optimizer, variable, "after training")
-    for actual, expected in zip(distributed.trainable_variables, single.trainable_variables):
+    for actual, expected in zip(
+        distributed.trainable_variables, single.trainable_variables
+    ):
         assert_values_close(to_numpy(actual), to_numpy(expected), actual.path)
     for actual, expected in zip(optimizer.variables, single.optimizer.variables):
         assert_values_close(to_numpy(actual), to_numpy(expected), actual.path)
@@ -632,7 +650,12 @@ def test_jax_polyak_averages_carry_their_weights_layout(kind):
         model.compile(optimizer=keras_soma.Soma(learning_rate=1e-2), loss="mse")
         averaging = keras_soma.PolyakAveraging(decay=0.9)
         model.fit(
-            inputs, targets, batch_size=16, epochs=1, shuffle=False, verbose=0,
+            inputs,
+            targets,
+            batch_size=16,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
             callbacks=[averaging],
         )
     if kind == "model_parallel":

@@ -21,7 +21,6 @@ import socket
 import sys
 
 import pytest
-
 from registry import REGISTRY
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +40,13 @@ SHORT_RUN = ["--epochs", "1", "--steps-per-epoch", "20"]
 # Optimizer state bytes per parameter of Keras's own optimizers at their
 # defaults, whatever the model: Adam keeps two float32 moments, Adagrad and
 # RMSprop one, Lion one, SGD (momentum 0) none.
-KERAS_STATE_BYTES = {"adam": 8.0, "adagrad": 4.0, "rmsprop": 4.0, "lion": 4.0, "sgd": 0.0}
+KERAS_STATE_BYTES = {
+    "adam": 8.0,
+    "adagrad": 4.0,
+    "rmsprop": 4.0,
+    "lion": 4.0,
+    "sgd": 0.0,
+}
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +112,9 @@ def mlp_state_bytes(common):
     defaults, and KERAS_STATE_BYTES for Keras's."""
     expected = dict(KERAS_STATE_BYTES)
     for spec in REGISTRY.values():
-        defaults = [value for arguments, value in spec.bytes_per_parameter if not arguments]
+        defaults = [
+            value for arguments, value in spec.bytes_per_parameter if not arguments
+        ]
         assert defaults, f"registry row of {spec.name} lacks the default state bytes"
         expected[optimizer_key(common, spec.cls)] = defaults[0]
     return expected
@@ -166,8 +173,15 @@ def test_fashion_mnist_mlp_short(common, data_dir, tmp_path):
     names = [optimizer_key(common, spec.cls) for spec in REGISTRY.values()] + ["sgd"]
     example = load_example("fashion_mnist_mlp")
     example.main(
-        ["--optimizer", *names, *SHORT_RUN, "--data-dir", data_dir,
-         "--output-dir", str(tmp_path)]
+        [
+            "--optimizer",
+            *names,
+            *SHORT_RUN,
+            "--data-dir",
+            data_dir,
+            "--output-dir",
+            str(tmp_path),
+        ]
     )
     rows = check_outputs(
         tmp_path, "mlp", "fashion_mnist_mlp", [expected[name] for name in names]
@@ -181,8 +195,15 @@ def test_fashion_mnist_cnn_short(common, data_dir, tmp_path):
     # Soma's state bytes do not depend on the model.
     example = load_example("fashion_mnist_cnn")
     example.main(
-        ["--optimizer", "soma", *SHORT_RUN, "--data-dir", data_dir,
-         "--output-dir", str(tmp_path)]
+        [
+            "--optimizer",
+            "soma",
+            *SHORT_RUN,
+            "--data-dir",
+            data_dir,
+            "--output-dir",
+            str(tmp_path),
+        ]
     )
     check_outputs(tmp_path, "cnn", "fashion_mnist_cnn", [4.0])
 
@@ -190,8 +211,16 @@ def test_fashion_mnist_cnn_short(common, data_dir, tmp_path):
 def test_decay_factor_short(common, data_dir, tmp_path):
     example = load_example("decay_factor")
     example.main(
-        ["--momentums", "0.5", "0.999", *SHORT_RUN, "--data-dir", data_dir,
-         "--output-dir", str(tmp_path)]
+        [
+            "--momentums",
+            "0.5",
+            "0.999",
+            *SHORT_RUN,
+            "--data-dir",
+            data_dir,
+            "--output-dir",
+            str(tmp_path),
+        ]
     )
     rows = check_outputs(tmp_path, "decay_factor", "decay_factor", [4.0, 4.0])
     assert [float(row["momentum"]) for row in rows] == [0.5, 0.999]
@@ -201,15 +230,24 @@ def test_sm3_polyak_serving_short(common, data_dir, tmp_path):
     export_dir = tmp_path / "served"
     example = load_example("sm3_polyak_serving")
     example.main(
-        [*SHORT_RUN, "--data-dir", data_dir, "--output-dir", str(tmp_path),
-         "--export-dir", str(export_dir)]
+        [
+            *SHORT_RUN,
+            "--data-dir",
+            data_dir,
+            "--output-dir",
+            str(tmp_path),
+            "--export-dir",
+            str(export_dir),
+        ]
     )
     assert (export_dir / "saved_model.pb").exists()
     raw, averaged, served = read_outputs(
         tmp_path, "sm3_polyak_serving", "sm3_polyak_serving"
     )
     assert [row["weights"] for row in (raw, averaged, served)] == [
-        "raw", "Polyak average", "Polyak average"
+        "raw",
+        "Polyak average",
+        "Polyak average",
     ]
     for row in (raw, averaged, served):
         check_accuracy_and_loss(row, loss_key="test_loss")
@@ -226,8 +264,18 @@ def test_sm3_polyak_serving_short(common, data_dir, tmp_path):
 def test_seed_repeats_short(common, data_dir, tmp_path):
     example = load_example("seed_repeats")
     summaries = example.main(
-        ["--optimizer", "soma", "adam", "--seeds", "2", *SHORT_RUN,
-         "--data-dir", data_dir, "--output-dir", str(tmp_path)]
+        [
+            "--optimizer",
+            "soma",
+            "adam",
+            "--seeds",
+            "2",
+            *SHORT_RUN,
+            "--data-dir",
+            data_dir,
+            "--output-dir",
+            str(tmp_path),
+        ]
     )
     rows = read_outputs(tmp_path, "seeds_mlp", "seed_repeats")
     assert [row["optimizer"] for row in rows] == ["Soma", "Adam"]
@@ -237,7 +285,9 @@ def test_seed_repeats_short(common, data_dir, tmp_path):
         # 20 batches of training beat guessing among 10 classes.
         assert all(0.1 < accuracy <= 1.0 for accuracy in per_seed), per_seed
         # The summary columns are those of the per-seed accuracies.
-        assert float(row["mean_test_accuracy"]) == pytest.approx(sum(per_seed) / 2, abs=1e-4)
+        assert float(row["mean_test_accuracy"]) == pytest.approx(
+            sum(per_seed) / 2, abs=1e-4
+        )
         assert float(row["min_test_accuracy"]) == pytest.approx(min(per_seed), abs=1e-4)
         assert float(row["max_test_accuracy"]) == pytest.approx(max(per_seed), abs=1e-4)
         assert float(row["std_test_accuracy"]) == pytest.approx(
@@ -253,17 +303,57 @@ def test_seed_repeats_short(common, data_dir, tmp_path):
 @pytest.mark.parametrize(
     "example_name, arguments, message",
     [
-        ("fashion_mnist_mlp", ["--epochs", "0"], "--epochs must be an integer >= 1; received 0"),
+        (
+            "fashion_mnist_mlp",
+            ["--epochs", "0"],
+            "--epochs must be an integer >= 1; received 0",
+        ),
         ("fashion_mnist_mlp", ["--learning-rate", "-1"], "--learning-rate must be > 0"),
-        ("fashion_mnist_cnn", ["--batch-size", "0"], "--batch-size must be an integer >= 1"),
-        ("fashion_mnist_cnn", ["--steps-per-epoch", "-3"], "--steps-per-epoch must be an integer >= 1"),
-        ("decay_factor", ["--momentums", "0.5", "1.0"], "--momentums must each lie in [0, 1); received [1.0]"),
-        ("decay_factor", ["--manual-dir", "/nonexistent/downloads"], "--manual-dir must be an existing directory"),
-        ("decay_factor", ["--output-dir", __file__], "--output-dir must be a directory"),
-        ("sm3_polyak_serving", ["--warmup-fraction", "0.6", "--cooldown-fraction", "0.5"], "--warmup-fraction plus --cooldown-fraction must be at most 1"),
-        ("sm3_polyak_serving", ["--averaging-decay", "1"], "--averaging-decay must lie in (0, 1); received 1.0"),
-        ("sm3_polyak_serving", ["--export-dir", os.path.dirname(__file__)], "--export-dir must not exist yet"),
-        ("seed_repeats", ["--seeds", "1"], "--seeds must be an integer >= 2 (a spread needs two runs); received 1"),
+        (
+            "fashion_mnist_cnn",
+            ["--batch-size", "0"],
+            "--batch-size must be an integer >= 1",
+        ),
+        (
+            "fashion_mnist_cnn",
+            ["--steps-per-epoch", "-3"],
+            "--steps-per-epoch must be an integer >= 1",
+        ),
+        (
+            "decay_factor",
+            ["--momentums", "0.5", "1.0"],
+            "--momentums must each lie in [0, 1); received [1.0]",
+        ),
+        (
+            "decay_factor",
+            ["--manual-dir", "/nonexistent/downloads"],
+            "--manual-dir must be an existing directory",
+        ),
+        (
+            "decay_factor",
+            ["--output-dir", __file__],
+            "--output-dir must be a directory",
+        ),
+        (
+            "sm3_polyak_serving",
+            ["--warmup-fraction", "0.6", "--cooldown-fraction", "0.5"],
+            "--warmup-fraction plus --cooldown-fraction must be at most 1",
+        ),
+        (
+            "sm3_polyak_serving",
+            ["--averaging-decay", "1"],
+            "--averaging-decay must lie in (0, 1); received 1.0",
+        ),
+        (
+            "sm3_polyak_serving",
+            ["--export-dir", os.path.dirname(__file__)],
+            "--export-dir must not exist yet",
+        ),
+        (
+            "seed_repeats",
+            ["--seeds", "1"],
+            "--seeds must be an integer >= 2 (a spread needs two runs); received 1",
+        ),
     ],
 )
 def test_bad_arguments_are_named(common, example_name, arguments, message, capsys):

@@ -4,9 +4,9 @@ non-finite gradients."""
 import keras
 import numpy as np
 import pytest
+from helpers import make_stepper, modes_for_backend, to_numpy
 
 import keras_soma
-from helpers import make_stepper, modes_for_backend, to_numpy
 from keras_soma import _reference
 from keras_soma.gradsign import COUNTER_MAX, COUNTER_MIN
 

@@ -3,10 +3,10 @@
 import keras
 import numpy as np
 import pytest
+from registry import REGISTRY
 
 import keras_soma
 from keras_soma.monitoring import SkippedSteps
-from registry import REGISTRY
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -18,9 +18,16 @@ def test_skipped_steps_are_logged_per_epoch(name):
     targets[[5, 40]] = np.nan  # batches 0 and 2 (batch size 16) get NaN gradients
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
-    model.compile(optimizer=spec.cls(learning_rate=0.01, skip_nonfinite=True), loss="mse")
+    model.compile(
+        optimizer=spec.cls(learning_rate=0.01, skip_nonfinite=True), loss="mse"
+    )
     history = model.fit(
-        inputs, targets, epochs=2, batch_size=16, shuffle=False, verbose=0,
+        inputs,
+        targets,
+        epochs=2,
+        batch_size=16,
+        shuffle=False,
+        verbose=0,
         callbacks=[SkippedSteps()],
     )
     assert history.history["skipped_steps"] == [2, 4]
@@ -32,4 +39,6 @@ def test_clear_error_without_the_option():
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer=keras_soma.Soma(), loss="mse")
     with pytest.raises(ValueError, match="skip_nonfinite=True"):
-        model.fit(np.zeros((4, 2)), np.zeros((4, 1)), verbose=0, callbacks=[SkippedSteps()])
+        model.fit(
+            np.zeros((4, 2)), np.zeros((4, 1)), verbose=0, callbacks=[SkippedSteps()]
+        )

@@ -11,12 +11,12 @@ import math
 import keras
 import numpy as np
 import pytest
+from helpers import TOLERANCE, assert_state_close, make_stepper, to_numpy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from helpers import TOLERANCE, assert_state_close, make_stepper, to_numpy
-from keras_soma._reference import numpy_dtype
 from registry import REGISTRY
+
+from keras_soma._reference import numpy_dtype
 
 SPECS = [pytest.param(spec, id=name) for name, spec in REGISTRY.items()]
 # JAX without jax_enable_x64 has no float64.
@@ -54,7 +54,9 @@ def finite_max(dtype) -> float:
     learning_rate=st.floats(1e-4, 0.1),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_random_shapes_and_dtypes_match_reference(spec, shape, dtype, case_index, learning_rate, seed):
+def test_random_shapes_and_dtypes_match_reference(
+    spec, shape, dtype, case_index, learning_rate, seed
+):
     case = spec.reference_cases[case_index % len(spec.reference_cases)]
     rng = np.random.default_rng(seed)
     ndtype = numpy_dtype(dtype)
@@ -69,7 +71,9 @@ def test_random_shapes_and_dtypes_match_reference(spec, shape, dtype, case_index
     for _ in range(3):
         gradient = rng.standard_normal(shape).astype(np.float32).astype(ndtype)
         step([gradient])
-        expected, state = spec.reference_step(expected, gradient, state, stored_rate, **case)
+        expected, state = spec.reference_step(
+            expected, gradient, state, stored_rate, **case
+        )
         np.testing.assert_allclose(
             to_numpy(variable).astype(np.float64),
             expected.astype(np.float64),
@@ -83,9 +87,13 @@ def outside(low, high, low_inclusive, high_inclusive):
     """Numbers outside the valid range (and NaN)."""
     options = [st.just(math.nan)]
     if math.isfinite(low):
-        options.append(st.floats(max_value=low, allow_nan=False, exclude_max=low_inclusive))
+        options.append(
+            st.floats(max_value=low, allow_nan=False, exclude_max=low_inclusive)
+        )
     if math.isfinite(high):
-        options.append(st.floats(min_value=high, allow_nan=False, exclude_min=high_inclusive))
+        options.append(
+            st.floats(min_value=high, allow_nan=False, exclude_min=high_inclusive)
+        )
     return st.one_of(*options)
 
 
@@ -109,7 +117,9 @@ def test_out_of_range_arguments_raise(spec, data):
     case_index=st.integers(0, 100),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_finite_gradients_never_make_nan_or_inf(spec, shape, dtype, magnitude, case_index, seed):
+def test_finite_gradients_never_make_nan_or_inf(
+    spec, shape, dtype, magnitude, case_index, seed
+):
     case = spec.reference_cases[case_index % len(spec.reference_cases)]
     ndtype = numpy_dtype(dtype)
     info = finfo(dtype)
@@ -122,7 +132,9 @@ def test_finite_gradients_never_make_nan_or_inf(spec, shape, dtype, magnitude, c
         "max": finite_max(dtype),
     }[magnitude]
     rng = np.random.default_rng(seed)
-    variable = keras.Variable(rng.standard_normal(shape).astype(np.float32).astype(ndtype), dtype=dtype)
+    variable = keras.Variable(
+        rng.standard_normal(shape).astype(np.float32).astype(ndtype), dtype=dtype
+    )
     optimizer = spec.cls(learning_rate=1e-3, **case)
     optimizer.build([variable])
     step = make_stepper(optimizer, [variable], "eager")

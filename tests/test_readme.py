@@ -14,14 +14,18 @@ def read(path):
 
 def readme_commands():
     blocks = re.findall(r"```bash\n(.*?)```", read("README.md"), flags=re.S)
-    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+    return [
+        line.strip() for block in blocks for line in block.splitlines() if line.strip()
+    ]
 
 
 def test_readme_test_command_is_what_ci_runs():
     commands = [c for c in readme_commands() if "pytest" in c]
     assert len(commands) == 1, commands
     pytest_part = commands[0].split('pip install ".[test]" && ', 1)[1]
-    assert "KERAS_BACKEND=tensorflow" in pytest_part and "KERAS_BACKEND=jax" in pytest_part
+    assert (
+        "KERAS_BACKEND=tensorflow" in pytest_part and "KERAS_BACKEND=jax" in pytest_part
+    )
     ci_lines = [line.strip() for line in read(".ci/run").splitlines()]
     assert pytest_part in ci_lines
 

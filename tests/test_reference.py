@@ -7,7 +7,6 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-
 from helpers import (
     TOLERANCE,
     assert_state_close,
@@ -17,15 +16,20 @@ from helpers import (
     random_gradient,
     to_numpy,
 )
-from keras_soma._reference import numpy_dtype
 from registry import REGISTRY
+
+from keras_soma._reference import numpy_dtype
 
 SHAPES = [(), (7,), (5, 3), (2, 3, 2, 4)]
 STEPS = 12
 LEARNING_RATE = 0.01
 
 CASES = [
-    pytest.param(spec, case, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in case.items()) or 'defaults'}")
+    pytest.param(
+        spec,
+        case,
+        id=f"{name}-{'-'.join(f'{k}={v}' for k, v in case.items()) or 'defaults'}",
+    )
     for name, spec in REGISTRY.items()
     for case in spec.reference_cases
 ]
@@ -36,7 +40,14 @@ DEFAULT_CASES = [
 
 
 def run_against_reference(
-    spec, case, shape, dtype, mode, steps=STEPS, weight_decay=None, seed=0,
+    spec,
+    case,
+    shape,
+    dtype,
+    mode,
+    steps=STEPS,
+    weight_decay=None,
+    seed=0,
     gradient_scale=1.0,
 ):
     rng = np.random.default_rng(seed)

@@ -14,12 +14,12 @@ import sys
 import keras
 import numpy as np
 import pytest
-
-import keras_soma
 import training_run
 from conftest import requires_tensorflow
 from helpers import make_stepper, to_numpy
 from registry import REGISTRY
+
+import keras_soma
 
 SPECS = [pytest.param(spec, id=name) for name, spec in REGISTRY.items()]
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,7 +45,9 @@ def uninterrupted():
 
 
 @pytest.mark.parametrize("spec", SPECS)
-def test_crash_mid_epoch_then_backup_and_restore_is_exact(spec, uninterrupted, tmp_path):
+def test_crash_mid_epoch_then_backup_and_restore_is_exact(
+    spec, uninterrupted, tmp_path
+):
     backup = str(tmp_path / "backup")
     crash_step = training_run.SAMPLES // training_run.BATCH_SIZE + 3  # mid epoch 2
     model = training_run.build(spec.name)
@@ -68,8 +70,16 @@ def test_kill_9_at_a_random_step_then_resume_is_exact(spec, uninterrupted, tmp_p
     kill_step = int(rng.integers(steps_per_epoch + 1, total_steps))  # after a backup
     backup = str(tmp_path / "backup")
     output = str(tmp_path / "final.npz")
-    command = [sys.executable, os.path.join(HERE, "training_run.py"), spec.name, backup, output]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    command = [
+        sys.executable,
+        os.path.join(HERE, "training_run.py"),
+        spec.name,
+        backup,
+        output,
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, text=True, env=os.environ.copy()
+    )
     killed_after = None
     try:
         for line in process.stdout:
@@ -85,7 +95,9 @@ def test_kill_9_at_a_random_step_then_resume_is_exact(spec, uninterrupted, tmp_p
     assert process.returncode == -signal.SIGKILL
     assert not os.path.exists(output)
 
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    finished = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=os.environ.copy()
+    )
     assert finished.returncode == 0, finished.stderr[-2000:]
     steps_rerun = finished.stdout.count("step ")
     assert steps_rerun < total_steps, "the restart did not resume from the backup"
@@ -110,7 +122,9 @@ def test_save_weights_round_trip_includes_optimizer_state(spec, tmp_path):
     second.optimizer.build(second.trainable_variables)
     second.load_weights(path)
     continue_training(second, epochs=1)
-    assert_same_state(training_run.final_state(reference), training_run.final_state(second))
+    assert_same_state(
+        training_run.final_state(reference), training_run.final_state(second)
+    )
 
 
 @requires_tensorflow
@@ -125,10 +139,14 @@ def test_tf_train_checkpoint_round_trip(spec, tmp_path):
     )
     second = training_run.build(spec.name)
     second.optimizer.build(second.trainable_variables)
-    status = tf.train.Checkpoint(model=second, optimizer=second.optimizer).restore(prefix)
+    status = tf.train.Checkpoint(model=second, optimizer=second.optimizer).restore(
+        prefix
+    )
     status.assert_existing_objects_matched()
     continue_training(second, epochs=1)
-    assert_same_state(training_run.final_state(reference), training_run.final_state(second))
+    assert_same_state(
+        training_run.final_state(reference), training_run.final_state(second)
+    )
 
 
 def optimizer_state_values(optimizer):
@@ -158,7 +176,9 @@ def test_state_of_same_count_but_other_dtype_is_refused():
     gradsign = continue_training(training_run.build("GradSign"), epochs=1)
     store = {str(i): to_numpy(v) for i, v in enumerate(gradsign.optimizer.variables)}
     before = optimizer_state_values(soma.optimizer)
-    with pytest.raises(ValueError, match="different optimizer or for\\s+different shapes"):
+    with pytest.raises(
+        ValueError, match="different optimizer or for\\s+different shapes"
+    ):
         soma.optimizer.load_own_variables(store)
     for expected, actual in zip(before, optimizer_state_values(soma.optimizer)):
         np.testing.assert_array_equal(actual, expected)
@@ -219,7 +239,9 @@ def run_many_steps(optimizer, variable, steps, seed=0):
         @tf.function(autograph=False)
         def loop():
             def body(step):
-                gradient = tf.random.stateless_uniform(shape, seed=tf.stack([seed, step]), minval=-1.0, maxval=1.0)
+                gradient = tf.random.stateless_uniform(
+                    shape, seed=tf.stack([seed, step]), minval=-1.0, maxval=1.0
+                )
                 optimizer.apply([gradient], [variable])
                 return (step + 1,)
 
@@ -232,9 +254,14 @@ def run_many_steps(optimizer, variable, steps, seed=0):
     def body(step, carry):
         optimizer_values, variable_values = carry
         gradient = jax.random.uniform(
-            jax.random.fold_in(jax.random.PRNGKey(seed), step), shape, minval=-1.0, maxval=1.0
+            jax.random.fold_in(jax.random.PRNGKey(seed), step),
+            shape,
+            minval=-1.0,
+            maxval=1.0,
         )
-        new_variables, new_optimizer = optimizer.stateless_apply(optimizer_values, [gradient], variable_values)
+        new_variables, new_optimizer = optimizer.stateless_apply(
+            optimizer_values, [gradient], variable_values
+        )
         return new_optimizer, new_variables
 
     optimizer_values, variable_values = jax.jit(

@@ -14,16 +14,14 @@ import sys
 import keras
 import numpy as np
 import pytest
-
-import keras_soma
 from conftest import requires_tensorflow
 from helpers import make_stepper, modes_for_backend, to_numpy
+
+import keras_soma
 from keras_soma import _reference
 from keras_soma.memory import optimizer_state_bytes, state_bytes_per_parameter
 
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
-)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
 import fashion_mnist_common  # noqa: E402
 
 SHAPES = [(), (7,), (5, 3), (2, 3, 2, 4)]
@@ -35,7 +33,9 @@ def fused_for(mode):
 
 
 def slot_values(optimizer, variable):
-    return {name: to_numpy(value) for name, value in optimizer.get_slots(variable).items()}
+    return {
+        name: to_numpy(value) for name, value in optimizer.get_slots(variable).items()
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -75,7 +75,9 @@ def test_state_without_momentum_is_the_cover_only(build_model, limit):
     assert per_parameter <= limit
     adam = keras.optimizers.Adam()
     adam.build(model.trainable_variables)
-    assert per_parameter < state_bytes_per_parameter(adam, model.trainable_variables) / 150
+    assert (
+        per_parameter < state_bytes_per_parameter(adam, model.trainable_variables) / 150
+    )
 
 
 def test_momentum_zero_allocates_no_momentum_tensor():
@@ -127,7 +129,9 @@ def test_slots_by_rank(shape, dtype):
 )
 def test_zero_gradient_at_first_step_changes_nothing(case, mode):
     rng = np.random.default_rng(0)
-    variables = [keras.Variable(rng.standard_normal(shape).astype("float32")) for shape in SHAPES]
+    variables = [
+        keras.Variable(rng.standard_normal(shape).astype("float32")) for shape in SHAPES
+    ]
     initial = [to_numpy(variable).copy() for variable in variables]
     optimizer = keras_soma.SM3(learning_rate=0.5, fused=fused_for(mode), **case)
     optimizer.build(variables)
@@ -211,7 +215,9 @@ def test_scalar_variable_converges(mode):
 
 def one_step(variant, gradient, **kwargs):
     variable = keras.Variable(np.zeros(gradient.shape, "float32"))
-    optimizer = keras_soma.SM3(learning_rate=1.0, momentum=0.0, variant=variant, **kwargs)
+    optimizer = keras_soma.SM3(
+        learning_rate=1.0, momentum=0.0, variant=variant, **kwargs
+    )
     optimizer.apply([keras.ops.convert_to_tensor(gradient)], [variable])
     return to_numpy(variable), slot_values(optimizer, variable)
 
@@ -240,7 +246,9 @@ def test_variants_agree_on_vectors_and_scalars():
         value_one, slots_one = one_step("I", gradient)
         value_two, slots_two = one_step("II", gradient)
         np.testing.assert_array_equal(value_one, value_two)
-        np.testing.assert_array_equal(slots_one["accumulator"], slots_two["accumulator"])
+        np.testing.assert_array_equal(
+            slots_one["accumulator"], slots_two["accumulator"]
+        )
 
 
 def test_variant_two_bound_is_tighter_and_both_bound_the_sums():
@@ -250,14 +258,15 @@ def test_variant_two_bound_is_tighter_and_both_bound_the_sums():
         variant: keras.Variable(np.zeros(shape, "float32")) for variant in ("I", "II")
     }
     optimizers = {
-        variant: keras_soma.SM3(momentum=0.0, variant=variant) for variant in ("I", "II")
+        variant: keras_soma.SM3(momentum=0.0, variant=variant)
+        for variant in ("I", "II")
     }
     sum_of_squares = np.zeros(shape, "float64")
     for _ in range(8):
         # Rows of very different scales, as in an activation pattern.
-        gradient = (rng.standard_normal(shape) * rng.uniform(0.1, 3.0, (6, 1, 1))).astype(
-            "float32"
-        )
+        gradient = (
+            rng.standard_normal(shape) * rng.uniform(0.1, 3.0, (6, 1, 1))
+        ).astype("float32")
         sum_of_squares += gradient.astype("float64") ** 2
         for variant in ("I", "II"):
             optimizers[variant].apply(
@@ -267,10 +276,14 @@ def test_variant_two_bound_is_tighter_and_both_bound_the_sums():
     for variant in ("I", "II"):
         slots = slot_values(optimizers[variant], variables[variant])
         broadcast = [
-            slots[f"accumulator_{axis}"].reshape([-1 if other == axis else 1 for other in range(3)])
+            slots[f"accumulator_{axis}"].reshape(
+                [-1 if other == axis else 1 for other in range(3)]
+            )
             for axis in range(3)
         ]
-        covers[variant] = np.minimum(np.minimum(broadcast[0], broadcast[1]), broadcast[2])
+        covers[variant] = np.minimum(
+            np.minimum(broadcast[0], broadcast[1]), broadcast[2]
+        )
         # The SM3 guarantee: the cover's minimum bounds every element's sum.
         assert (covers[variant] >= sum_of_squares * (1 - 1e-5)).all(), variant
     for axis in range(3):
@@ -282,11 +295,26 @@ def test_variant_two_bound_is_tighter_and_both_bound_the_sums():
 
 def test_argument_messages_name_the_range():
     for kwargs, text in [
-        ({"variant": "III"}, "Argument `variant` must be one of 'I', 'II'; received: variant='III'"),
-        ({"momentum": 1.0}, "Argument `momentum` must be a number in [0, 1); received: momentum=1.0"),
-        ({"beta_2": 0.0}, "Argument `beta_2` must be a number in (0, 1]; received: beta_2=0.0"),
-        ({"epsilon": -1.0}, "Argument `epsilon` must be a number in [0, inf); received: epsilon=-1.0"),
-        ({"learning_rate": 0.0}, "Argument `learning_rate` must be a number in (0, inf)"),
+        (
+            {"variant": "III"},
+            "Argument `variant` must be one of 'I', 'II'; received: variant='III'",
+        ),
+        (
+            {"momentum": 1.0},
+            "Argument `momentum` must be a number in [0, 1); received: momentum=1.0",
+        ),
+        (
+            {"beta_2": 0.0},
+            "Argument `beta_2` must be a number in (0, 1]; received: beta_2=0.0",
+        ),
+        (
+            {"epsilon": -1.0},
+            "Argument `epsilon` must be a number in [0, inf); received: epsilon=-1.0",
+        ),
+        (
+            {"learning_rate": 0.0},
+            "Argument `learning_rate` must be a number in (0, inf)",
+        ),
     ]:
         with pytest.raises(ValueError) as raised:
             keras_soma.SM3(**kwargs)
@@ -322,9 +350,13 @@ def row_stepper(optimizer, variable, mode):
 
 @requires_tensorflow
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
-@pytest.mark.parametrize("shape", [(40,), (40, 6), (40, 3, 2)], ids=lambda s: f"rank{len(s)}")
 @pytest.mark.parametrize(
-    "case", ROW_CASES, ids=lambda case: "-".join(f"{k}={v}" for k, v in case.items()) or "defaults"
+    "shape", [(40,), (40, 6), (40, 3, 2)], ids=lambda s: f"rank{len(s)}"
+)
+@pytest.mark.parametrize(
+    "case",
+    ROW_CASES,
+    ids=lambda case: "-".join(f"{k}={v}" for k, v in case.items()) or "defaults",
 )
 def test_row_path_matches_its_reference_and_leaves_the_rest_alone(case, shape, mode):
     rng = np.random.default_rng(4)
@@ -335,13 +367,18 @@ def test_row_path_matches_its_reference_and_leaves_the_rest_alone(case, shape, m
     optimizer.build([variable])
     # Give the state non-zero values first, so that "untouched" means
     # something for every slot.
-    optimizer.apply([keras.ops.convert_to_tensor(rng.standard_normal(shape).astype("float32"))], [variable])
+    optimizer.apply(
+        [keras.ops.convert_to_tensor(rng.standard_normal(shape).astype("float32"))],
+        [variable],
+    )
     expected_variable = to_numpy(variable).copy()
     expected_state = slot_values(optimizer, variable)
     dense_state = {name: value.copy() for name, value in expected_state.items()}
     dense_variable = expected_variable.copy()
     step = row_stepper(optimizer, variable, mode)
-    reference_args = {key: value for key, value in case.items() if key != "weight_decay"}
+    reference_args = {
+        key: value for key, value in case.items() if key != "weight_decay"
+    }
     touched = set()
     for _ in range(4):
         # Repeated rows: their gradients are summed first.
@@ -359,18 +396,26 @@ def test_row_path_matches_its_reference_and_leaves_the_rest_alone(case, shape, m
             weight_decay=case.get("weight_decay"),
             **reference_args,
         )
-        np.testing.assert_allclose(to_numpy(variable), expected_variable, rtol=2e-6, atol=2e-6)
+        np.testing.assert_allclose(
+            to_numpy(variable), expected_variable, rtol=2e-6, atol=2e-6
+        )
         actual_state = slot_values(optimizer, variable)
         assert sorted(actual_state) == sorted(expected_state)
         for name, value in expected_state.items():
-            np.testing.assert_allclose(actual_state[name], value, rtol=2e-6, atol=2e-6, err_msg=name)
+            np.testing.assert_allclose(
+                actual_state[name], value, rtol=2e-6, atol=2e-6, err_msg=name
+            )
     untouched = np.array(sorted(set(range(shape[0])) - touched))
     assert len(untouched) > 10
     state = slot_values(optimizer, variable)
-    np.testing.assert_array_equal(to_numpy(variable)[untouched], dense_variable[untouched])
+    np.testing.assert_array_equal(
+        to_numpy(variable)[untouched], dense_variable[untouched]
+    )
     for name, value in state.items():
         if name in ("accumulator", "accumulator_0", "momentum"):
-            np.testing.assert_array_equal(value[untouched], dense_state[name][untouched], err_msg=name)
+            np.testing.assert_array_equal(
+                value[untouched], dense_state[name][untouched], err_msg=name
+            )
         else:
             # The other axes' accumulators are not part of the row path.
             np.testing.assert_array_equal(value, dense_state[name], err_msg=name)
@@ -387,7 +432,10 @@ def test_row_path_reads_and_writes_no_full_size_tensor():
 
     @tf.function
     def step(values, indices):
-        optimizer.apply([tf.IndexedSlices(values, indices, tf.constant([rows, 4], "int64"))], [variable])
+        optimizer.apply(
+            [tf.IndexedSlices(values, indices, tf.constant([rows, 4], "int64"))],
+            [variable],
+        )
 
     graph = step.get_concrete_function(
         tf.TensorSpec((None, 4), "float32"), tf.TensorSpec((None,), "int64")
@@ -396,9 +444,7 @@ def test_row_path_reads_and_writes_no_full_size_tensor():
         operation.type
         for operation in graph.get_operations()
         for output in operation.outputs
-        if output.dtype != tf.resource
-        and output.shape.rank
-        and output.shape[0] == rows
+        if output.dtype != tf.resource and output.shape.rank and output.shape[0] == rows
     ]
     assert not full_size
     operation_types = {operation.type for operation in graph.get_operations()}
@@ -411,7 +457,12 @@ def test_embedding_gradient_takes_the_row_path():
     import tensorflow as tf
 
     model = keras.Sequential(
-        [keras.Input((3,), dtype="int32"), keras.layers.Embedding(50, 4), keras.layers.Flatten(), keras.layers.Dense(1)]
+        [
+            keras.Input((3,), dtype="int32"),
+            keras.layers.Embedding(50, 4),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1),
+        ]
     )
     model.compile(optimizer=keras_soma.SM3(learning_rate=0.1), loss="mse")
     table = model.layers[0].embeddings
@@ -441,7 +492,9 @@ def test_row_path_skips_nonfinite_steps():
     optimizer.build([variable])
     values = np.ones((2, 3), "float32")
     values[1, 2] = np.nan
-    optimizer.apply([tf.IndexedSlices(tf.constant(values), tf.constant([1, 4]))], [variable])
+    optimizer.apply(
+        [tf.IndexedSlices(tf.constant(values), tf.constant([1, 4]))], [variable]
+    )
     np.testing.assert_array_equal(to_numpy(variable), np.ones((10, 3)))
     assert int(to_numpy(optimizer.skipped_steps)) == 1
     for name, value in slot_values(optimizer, variable).items():
@@ -502,8 +555,8 @@ def test_blocked_path_with_weight_decay_and_skipped_steps(tiny_blocks):
     """Weight decay and skip_nonfinite wrap the blocked update as they
     wrap the whole-tensor one: same numbers, and a skipped step changes
     nothing."""
-    from test_reference import run_against_reference
     from registry import REGISTRY
+    from test_reference import run_against_reference
 
     optimizer, variable = run_against_reference(
         REGISTRY["SM3"], {}, (9, 5), "float32", "compiled", weight_decay=0.5
@@ -532,17 +585,23 @@ def test_blocked_and_whole_tensor_paths_agree(tiny_blocks, momentum):
     results = {}
     for blocked in (None, False):
         variable = keras.Variable(initial)
-        optimizer = keras_soma.SM3(learning_rate=0.05, momentum=momentum, blocked=blocked)
+        optimizer = keras_soma.SM3(
+            learning_rate=0.05, momentum=momentum, blocked=blocked
+        )
         optimizer.build([variable])
         step = make_stepper(optimizer, [variable], "compiled")
         for gradient in gradients:
             step([gradient])
         results[blocked] = (to_numpy(variable), slot_values(optimizer, variable))
     assert len(tiny_blocks) == 1  # traced once, by the blocked optimizer only
-    np.testing.assert_allclose(results[None][0], results[False][0], rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(
+        results[None][0], results[False][0], rtol=2e-6, atol=2e-6
+    )
     assert sorted(results[None][1]) == sorted(results[False][1])
     for name, value in results[None][1].items():
-        np.testing.assert_allclose(value, results[False][1][name], rtol=2e-6, err_msg=name)
+        np.testing.assert_allclose(
+            value, results[False][1][name], rtol=2e-6, err_msg=name
+        )
 
 
 def test_block_rows_by_shape():
@@ -570,5 +629,7 @@ def test_variant_one_and_op_by_op_updates_are_not_blocked(tiny_blocks):
 
 @pytest.mark.parametrize("blocked", ["yes", 1.5])
 def test_blocked_argument_is_checked(blocked):
-    with pytest.raises(ValueError, match=r"`blocked` must be None, True or False.*Received"):
+    with pytest.raises(
+        ValueError, match=r"`blocked` must be None, True or False.*Received"
+    ):
         keras_soma.SM3(blocked=blocked)

@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 import pytest
+from helpers import make_stepper, modes_for_backend, random_gradient, to_numpy
 
 import keras_soma
-from helpers import make_stepper, modes_for_backend, random_gradient, to_numpy
 from keras_soma import _reference
 
 

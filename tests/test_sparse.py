@@ -14,7 +14,6 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-
 from conftest import requires_tensorflow
 from helpers import TOLERANCE, to_numpy
 from registry import REGISTRY

@@ -22,8 +22,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import keras_soma  # noqa: E402
 from registry import REGISTRY  # noqa: E402
+
+import keras_soma  # noqa: E402
 
 EPOCHS = 3
 BATCH_SIZE = 16
@@ -65,7 +66,11 @@ def build(optimizer_name: str) -> keras.Model:
     spec = REGISTRY[optimizer_name]
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
-        [keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)]
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="tanh"),
+            keras.layers.Dense(1),
+        ]
     )
     model.compile(optimizer=spec.cls(learning_rate=spec.fit_learning_rate), loss="mse")
     return model
@@ -80,17 +85,27 @@ def train(optimizer_name: str, backup_dir=None, extra_callbacks=(), model=None):
     model.polyak_averaging_callback = averaging
     callbacks = [averaging, *extra_callbacks]
     if backup_dir is not None:
-        callbacks.insert(0, keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch"))
+        callbacks.insert(
+            0, keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch")
+        )
     inputs, targets = data()
     model.fit(
-        inputs, targets, epochs=EPOCHS, batch_size=BATCH_SIZE, shuffle=False,
-        callbacks=callbacks, verbose=0,
+        inputs,
+        targets,
+        epochs=EPOCHS,
+        batch_size=BATCH_SIZE,
+        shuffle=False,
+        callbacks=callbacks,
+        verbose=0,
     )
     return model
 
 
 def final_state(model) -> dict:
-    arrays = {f"weight_{i}": keras.ops.convert_to_numpy(w) for i, w in enumerate(model.weights)}
+    arrays = {
+        f"weight_{i}": keras.ops.convert_to_numpy(w)
+        for i, w in enumerate(model.weights)
+    }
     for i, variable in enumerate(model.optimizer.variables):
         arrays[f"optimizer_{i}"] = keras.ops.convert_to_numpy(variable)
     averaging = getattr(model, "polyak_averaging_callback", None)
