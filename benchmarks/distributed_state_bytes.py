@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 
 import keras_soma  # noqa: E402
 from keras_soma._base import multi_worker_storage_dtype  # noqa: E402
-from keras_soma._reference import numpy_dtype  # noqa: E402
+from keras_soma._common import numpy_dtype  # noqa: E402
 
 WIDTH = 2048
 BLOCKS = 18

@@ -86,8 +86,10 @@ def main(argv=None):
             f"| {common.DISPLAY_NAMES[name]} | {value:.2f} | {lion} | {adam} |"
         )
     lines.append(
-        f"\nProduced by `{command}`: Keras {keras.__version__}, {keras.backend.backend()} backend, "
-        f"{platform.machine()}, {os.cpu_count()} CPU cores; median of {args.epochs} epochs, batch {args.batch_size}."
+        f"\nProduced by `{command}`: Keras {keras.__version__}, "
+        f"{keras.backend.backend()} backend, {platform.machine()}, "
+        f"{os.cpu_count()} CPU cores; median of {args.epochs} epochs, "
+        f"batch {args.batch_size}."
     )
     report = "\n".join(lines)
     print("\n" + report)

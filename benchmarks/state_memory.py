@@ -33,13 +33,8 @@ CONFIGURATIONS = [
         lambda: keras_soma.Soma(momentum_dtype="bfloat16"),
     ),
     ("GradSign", lambda: keras_soma.GradSign()),
-]
-if hasattr(keras_soma, "SM3"):
-    CONFIGURATIONS += [
-        ("SM3 (momentum=0)", lambda: keras_soma.SM3(momentum=0.0)),
-        ("SM3 (momentum=0.9)", lambda: keras_soma.SM3()),
-    ]
-CONFIGURATIONS += [
+    ("SM3 (momentum=0)", lambda: keras_soma.SM3(momentum=0.0)),
+    ("SM3 (momentum=0.9)", lambda: keras_soma.SM3()),
     ("Keras Adam", keras.optimizers.Adam),
     ("Keras Lion", keras.optimizers.Lion),
     ("Keras Adagrad", keras.optimizers.Adagrad),

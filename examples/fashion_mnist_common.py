@@ -33,9 +33,8 @@ OPTIMIZERS = {
     "rmsprop": keras.optimizers.RMSprop,
     "sgd": keras.optimizers.SGD,
     "lion": keras.optimizers.Lion,
+    "sm3": keras_soma.SM3,
 }
-if hasattr(keras_soma, "SM3"):
-    OPTIMIZERS["sm3"] = keras_soma.SM3
 
 DISPLAY_NAMES = {
     "soma": "Soma",
@@ -552,11 +551,7 @@ COMPARISON_EPOCHS = 5
 COMPARISON_BATCH_SIZE = 64
 COMPARISON_SEED = 0
 COMPARISON_OUTPUT_DIR = "results"
-COMPARISON_OPTIMIZERS = [
-    name
-    for name in ("soma", "gradsign", "sm3", "adam", "adagrad", "rmsprop", "sgd")
-    if name in OPTIMIZERS
-]
+COMPARISON_OPTIMIZERS = ["soma", "gradsign", "sm3", "adam", "adagrad", "rmsprop", "sgd"]
 
 
 def parse_comparison_args(description: str, argv=None):
@@ -610,7 +605,8 @@ def run_comparison(
         rows,
         args.output_dir,
         stem,
-        f"Fashion-MNIST {model_title}, batch {args.batch_size}, {epochs_text(args.epochs)}",
+        f"Fashion-MNIST {model_title}, batch {args.batch_size}, "
+        f"{epochs_text(args.epochs)}",
         command_line(script, argv),
     )
     print("\n" + format_table(rows))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -27,29 +26,33 @@ EPOCHS = 5
 BATCH_SIZE = 64
 SEED = 0
 LEARNING_RATES = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+OUTPUT_DIR = "results"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--optimizer", required=True, choices=sorted(common.OPTIMIZERS))
     parser.add_argument(
-        "--learning-rates", type=float, nargs="+", default=LEARNING_RATES
+        "--learning-rates",
+        type=float,
+        nargs="+",
+        default=LEARNING_RATES,
+        help=f"default: {' '.join(f'{rate:g}' for rate in LEARNING_RATES)}",
     )
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--steps-per-epoch", type=int, default=None)
     parser.add_argument("--no-baseline", action="store_true", help="skip the Adam row")
-    parser.add_argument("--output-dir", default="results")
+    common.add_common_arguments(parser, EPOCHS, BATCH_SIZE, SEED, OUTPUT_DIR)
     args = parser.parse_args(argv)
-    if any(rate <= 0 for rate in args.learning_rates):
+    common.check_common_arguments(parser, args)
+    if any(not rate > 0 for rate in args.learning_rates):
         parser.error(
             f"--learning-rates must all be > 0; received {args.learning_rates}"
         )
+    return args
 
-    train, test = common.load_fashion_mnist(
-        args.batch_size, args.seed, args.steps_per_epoch
-    )
+
+def main(argv=None):
+    args = parse_args(argv)
+    train, test = common.load_data(args)
     runs = [(args.optimizer, rate) for rate in args.learning_rates]
     if not args.no_baseline:
         runs.append(("adam", None))
@@ -65,15 +68,14 @@ def main(argv=None):
         row["run"] = f"{row['optimizer']} lr={row['learning_rate']:g}"
         print(f"{row['run']}: test accuracy {row['test_accuracy']:.4f}", flush=True)
         rows.append(row)
-    command = "python " + " ".join(
-        shlex.quote(part) for part in ["examples/learning_rate_sweep.py", *sys.argv[1:]]
-    )
+    command = common.command_line("examples/learning_rate_sweep.py", argv)
     paths = common.write_outputs(
         rows,
         args.output_dir,
         f"sweep_{args.optimizer}",
-        f"Learning-rate sweep, {common.DISPLAY_NAMES[args.optimizer]}, fashion-MNIST MLP, "
-        f"batch {args.batch_size}, {args.epochs} epochs",
+        f"Learning-rate sweep, {common.DISPLAY_NAMES[args.optimizer]}, "
+        f"fashion-MNIST MLP, batch {args.batch_size}, "
+        f"{common.epochs_text(args.epochs)}",
         command,
         label_key="run",
     )

@@ -59,7 +59,8 @@ def parse_args(argv=None):
         nargs="+",
         default=DEFAULT_OPTIMIZERS,
         choices=sorted(common.OPTIMIZERS),
-        help=f"optimizers, each at its defaults; default: {' '.join(DEFAULT_OPTIMIZERS)}",
+        help="optimizers, each at its defaults; default: "
+        + " ".join(DEFAULT_OPTIMIZERS),
     )
     parser.add_argument(
         "--seeds",
@@ -75,7 +76,8 @@ def parse_args(argv=None):
     common.check_common_arguments(parser, args)
     if args.seeds < 2:
         parser.error(
-            f"--seeds must be an integer >= 2 (a spread needs two runs); received {args.seeds}"
+            "--seeds must be an integer >= 2 (a spread needs two runs); "
+            f"received {args.seeds}"
         )
     return args
 
@@ -145,7 +147,8 @@ def main(argv=None):
             )
             runs[name].append(row)
             print(
-                f"seed {seed} {row['optimizer']:>8}: test accuracy {row['test_accuracy']:.4f} "
+                f"seed {seed} {row['optimizer']:>8}: "
+                f"test accuracy {row['test_accuracy']:.4f} "
                 f"({row['seconds_per_epoch']:.1f} s / epoch)",
                 flush=True,
             )

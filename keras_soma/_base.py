@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -400,14 +401,6 @@ class _KernelBatch:
         self.kernels = []
 
 
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 # The dtypes TensorFlow's collective broadcast carries. With more than one
 # worker, MultiWorkerMirroredStrategy broadcasts every new variable's
 # initial value from the chief with it, and cannot create others.
@@ -446,7 +439,7 @@ def _colocated_with(variable):
     """Under tf.distribute, a context that places new variables with
     `variable` (what Keras does in add_variable_from_reference)."""
     if keras.backend.backend() != "tensorflow":
-        return _NullContext()
+        return contextlib.nullcontext()
     import tensorflow as tf
 
     native = variable.value if isinstance(variable, keras.Variable) else variable

@@ -13,7 +13,24 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
+
+try:  # bfloat16 for numpy; installed with TensorFlow, JAX and Keras.
+    import ml_dtypes
+
+    _NUMPY_EXTRA_DTYPES = {"bfloat16": ml_dtypes.bfloat16}
+except ImportError:  # pragma: no cover - only without ml_dtypes
+    _NUMPY_EXTRA_DTYPES = {}
+
+
+def numpy_dtype(name) -> np.dtype:
+    """The numpy dtype for a Keras dtype name (bfloat16 included)."""
+    name = str(name)
+    if name in _NUMPY_EXTRA_DTYPES:
+        return np.dtype(_NUMPY_EXTRA_DTYPES[name])
+    return np.dtype(name)
+
 
 # ---------------------------------------------------------------------------
 # Argument checks

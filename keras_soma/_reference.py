@@ -15,28 +15,18 @@ dtype rules of the Keras code: the learning rate (a float32 in Keras) is
 cast to the variable's dtype; anything computed "in float32" here is
 computed in float32 there. `bfloat16` comes from `ml_dtypes`, which both
 TensorFlow and JAX depend on.
+
+The only library code used here is `numpy_dtype`, the mapping of Keras dtype
+names to numpy dtypes; none of the update math is shared.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-try:  # bfloat16 for numpy; installed with TensorFlow and with JAX.
-    import ml_dtypes
-
-    _EXTRA_DTYPES = {"bfloat16": ml_dtypes.bfloat16}
-except ImportError:  # pragma: no cover - only without both backends
-    _EXTRA_DTYPES = {}
+from keras_soma._common import numpy_dtype
 
 State = dict[str, np.ndarray]
-
-
-def numpy_dtype(name) -> np.dtype:
-    """The numpy dtype for a Keras dtype name (bfloat16 included)."""
-    name = str(name)
-    if name in _EXTRA_DTYPES:
-        return np.dtype(_EXTRA_DTYPES[name])
-    return np.dtype(name)
 
 
 def _cast_learning_rate(learning_rate, dtype) -> np.ndarray:

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from keras_soma._reference import numpy_dtype
+from keras_soma._common import numpy_dtype
 
 
 def _nbytes(variable) -> int:

@@ -371,9 +371,10 @@ def test_compiled_step_needs_at_most_one_variable_sized_temporary(spec):
         optimizer.build(variables)
 
         # Arguments in the order of the results, so that each donated
-        # buffer can hold the result of the same variable.
+        # buffer can hold the result of the same variable. The step is
+        # compiled within this iteration, so it binds this optimizer.
         def step(variable_values, optimizer_values, gradient_values):
-            return optimizer.stateless_apply(
+            return optimizer.stateless_apply(  # noqa: B023
                 optimizer_values, gradient_values, variable_values
             )
 

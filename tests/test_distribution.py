@@ -318,7 +318,7 @@ def test_multi_worker_training_ends_identical_on_both_workers(tmp_path):
     runs = {key.split("/")[0] for key in first.files if "/" in key}
     assert set(REGISTRY) <= runs
     assert any(run.endswith("-config_case") for run in runs), runs
-    for name, spec in REGISTRY.items():
+    for name in REGISTRY:
         for run in runs & {name, f"{name}-config_case"}:
             keys = [key for key in first.files if key.startswith(f"{run}/")]
             assert any("/optimizer/" in key and "iteration" in key for key in keys)

@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 
+import keras
 import pytest
 from registry import REGISTRY
 
@@ -300,6 +301,33 @@ def test_seed_repeats_short(common, data_dir, tmp_path):
     assert len(set(summaries[0]["accuracies"])) == 2
 
 
+def test_learning_rate_sweep_short(common, data_dir, tmp_path):
+    example = load_example("learning_rate_sweep")
+    example.main(
+        [
+            "--optimizer",
+            "gradsign",
+            "--learning-rates",
+            "1e-3",
+            "1e-2",
+            *SHORT_RUN,
+            "--data-dir",
+            data_dir,
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    rows = read_outputs(tmp_path, "sweep_gradsign", "learning_rate_sweep")
+    # The two learning rates, then Adam at its defaults as the baseline.
+    assert [row["optimizer"] for row in rows] == ["GradSign", "GradSign", "Adam"]
+    assert [float(row["learning_rate"]) for row in rows] == pytest.approx(
+        [1e-3, 1e-2, keras.optimizers.Adam().get_config()["learning_rate"]]
+    )
+    for row, expected_bytes in zip(rows, [1.0, 1.0, 8.0]):
+        check_accuracy_and_loss(row)
+        assert float(row["state_bytes_per_parameter"]) == pytest.approx(expected_bytes)
+
+
 @pytest.mark.parametrize(
     "example_name, arguments, message",
     [
@@ -348,6 +376,21 @@ def test_seed_repeats_short(common, data_dir, tmp_path):
             "sm3_polyak_serving",
             ["--export-dir", os.path.dirname(__file__)],
             "--export-dir must not exist yet",
+        ),
+        (
+            "learning_rate_sweep",
+            ["--optimizer", "soma", "--learning-rates", "1e-3", "0"],
+            "--learning-rates must all be > 0; received [0.001, 0.0]",
+        ),
+        (
+            "learning_rate_sweep",
+            ["--optimizer", "gradsign", "--epochs", "0"],
+            "--epochs must be an integer >= 1; received 0",
+        ),
+        (
+            "learning_rate_sweep",
+            ["--optimizer", "sm3", "--manual-dir", "/nonexistent/downloads"],
+            "--manual-dir must be an existing directory",
         ),
         (
             "seed_repeats",
