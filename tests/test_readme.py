@@ -1,8 +1,11 @@
 """The README's two commands stay true: CI runs the same test command, and
-the example command names a script that exists."""
+the example command names a script that exists. The commands in
+CONTRIBUTING.md name files, extras and checks that exist."""
 
 import os
 import re
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -12,11 +15,16 @@ def read(path):
         return handle.read()
 
 
-def readme_commands():
-    blocks = re.findall(r"```bash\n(.*?)```", read("README.md"), flags=re.S)
+def bash_commands(path):
+    """The non-empty lines of the ```bash blocks of a Markdown file."""
+    blocks = re.findall(r"```bash\n(.*?)```", read(path), flags=re.S)
     return [
         line.strip() for block in blocks for line in block.splitlines() if line.strip()
     ]
+
+
+def readme_commands():
+    return bash_commands("README.md")
 
 
 def test_readme_test_command_is_what_ci_runs():
@@ -67,3 +75,38 @@ def test_readme_accuracy_figures_are_the_examples_output():
         assert line in output.splitlines(), line
     command = output.split("Produced by `", 1)[1].split("`", 1)[0]
     assert f"`{command}`" in section
+
+
+def test_contributing_commands_name_what_exists():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python >= 3.11")
+
+    commands = bash_commands("CONTRIBUTING.md")
+    assert commands
+    extras = set(
+        tomllib.loads(read("pyproject.toml"))["project"]["optional-dependencies"]
+    )
+    ci_lines = [line.strip() for line in read(".ci/run").splitlines()]
+    checked = 0
+    for command in commands:
+        for part in (part.strip() for part in command.split("&&")):
+            for named in re.findall(r"\.\[([a-z,]+)\]", part):
+                assert set(named.split(",")) <= extras, part
+                checked += 1
+            for path in re.findall(r"(?:tests|benchmarks|examples)/\S+\.py", part):
+                assert os.path.exists(os.path.join(ROOT, path)), path
+                checked += 1
+            if part.startswith("ruff "):
+                # The lint commands are the ones CI runs.
+                assert part in ci_lines, part
+                checked += 1
+            if part.startswith("mkdocs "):
+                assert os.path.exists(os.path.join(ROOT, "mkdocs.yml"))
+                checked += 1
+            selected = re.search(r"-k (\w+)", part)
+            if selected and "test_contract.py" in part:
+                # The example selects an optimizer the contract suite runs.
+                from registry import REGISTRY
+
+                assert selected.group(1) in REGISTRY, part
+                checked += 1
+    assert checked >= 6, commands
