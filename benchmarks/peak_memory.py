@@ -1,0 +1,689 @@
+"""Peak training memory, end to end: what `fit` holds on top of the weights.
+
+What it measures: for each (model, optimizer) a fresh Python process builds
+the model and its data, then runs `gc.collect()`, reads its resident size
+(VmRSS), resets the kernel's high-water mark (writing 5 to
+/proc/self/clear_refs) and trains with `model.fit`. The peak (VmHWM) then
+holds the weights, the gradients, the optimizer state, every temporary of
+the step and any copy that Keras keeps (gradient accumulators, EMA
+weights). Where a GPU is present, the device's own peak is read as well
+(TensorFlow `get_memory_info`, JAX `memory_stats`).
+
+Models:
+
+* `recommender`: `Embedding(rows, 64)`, mean pooling and `Dense(1)`; each
+  example looks up 20 ids drawn from a Zipf law (a batch touches few
+  rows, as real traffic does). The table size is `--rows`; `--sizes`
+  gives the sizes for the slope of peak against size, from which the
+  largest table each optimizer trains in 8 GB and 80 GB is read.
+* `transformer`: a decoder-only GPT-2 language model built from a
+  keras_hub config (random weights, no download), ~81M parameters.
+* `cnn`: the soma paper's fashion-MNIST CNN, on random images.
+
+Reported per row: resident size before fit, the peak above it in bytes per
+parameter, the optimizer's state bytes, `(peak - SGD's peak) / state
+bytes`, the excess over the target `state + 2% of the weights`, and the
+median step time. Run time: the default run takes about an hour on 2 CPU
+cores; `--short` runs small sizes in about two minutes.
+
+    python benchmarks/peak_memory.py --output-dir docs/results
+    python benchmarks/peak_memory.py --short --models recommender
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_soma  # noqa: E402
+from keras_soma.memory import optimizer_state_bytes  # noqa: E402
+
+# Above its state, an optimizer may peak this fraction of the weights'
+# bytes higher than Keras SGD (which keeps no state) does.
+TARGET_WEIGHT_FRACTION = 0.02
+
+# name -> (display name, constructor).
+OPTIMIZERS = {
+    "sgd": ("Keras SGD", lambda: keras.optimizers.SGD(0.01)),
+    "adam": ("Keras Adam", keras.optimizers.Adam),
+    "lion": ("Keras Lion", keras.optimizers.Lion),
+    "adagrad": ("Keras Adagrad", keras.optimizers.Adagrad),
+    "adafactor": ("Keras Adafactor", keras.optimizers.Adafactor),
+    "soma": ("Soma", keras_soma.Soma),
+    "soma-bf16": (
+        "Soma bf16 state",
+        lambda: keras_soma.Soma(momentum_dtype="bfloat16"),
+    ),
+    "soma-lazy": ("Soma lazy rows", lambda: keras_soma.Soma(lazy_sparse_updates=True)),
+    "gradsign": ("GradSign", keras_soma.GradSign),
+    "gradsign-lazy": (
+        "GradSign lazy rows",
+        lambda: keras_soma.GradSign(lazy_sparse_updates=True),
+    ),
+    "sm3-m0": ("SM3 momentum=0", lambda: keras_soma.SM3(momentum=0.0)),
+    "sm3": ("SM3 momentum=0.9", keras_soma.SM3),
+}
+# keras_soma's optimizers, whose targets are checked.
+KERAS_SOMA_OPTIMIZERS = [
+    "soma",
+    "soma-bf16",
+    "soma-lazy",
+    "gradsign",
+    "gradsign-lazy",
+    "sm3-m0",
+    "sm3",
+]
+# Lazy row paths: below 2% of the weights above their state at any size.
+LAZY_OPTIMIZERS = ["soma-lazy", "gradsign-lazy", "sm3-m0", "sm3"]
+
+MODELS = ("recommender", "transformer", "cnn")
+
+RECOMMENDER_WIDTH = 64
+IDS_PER_EXAMPLE = 20
+ZIPF_EXPONENT = 1.1
+
+DEFAULTS = {
+    "rows": 4_000_000,
+    "sizes": [1_000_000, 2_000_000, 4_000_000],
+    "examples": 4096,
+    "batch_size": 256,
+    "transformer": dict(layers=6, heads=12, dim=768, vocabulary=50257, context=128),
+    "transformer_batch": 4,
+    "transformer_steps": 6,
+    "cnn_batch": 64,
+    "cnn_steps": 40,
+}
+SHORT = {
+    "rows": 200_000,
+    "sizes": [50_000, 100_000, 200_000],
+    "examples": 1024,
+    "batch_size": 256,
+    "transformer": dict(layers=2, heads=2, dim=64, vocabulary=2000, context=32),
+    "transformer_batch": 4,
+    "transformer_steps": 4,
+    "cnn_batch": 64,
+    "cnn_steps": 8,
+}
+BUDGETS_GB = (8, 80)
+# What the backends say when an allocation fails (lower case).
+OUT_OF_MEMORY = (
+    "memoryerror",
+    "resourceexhausted",
+    "resource_exhausted",
+    "out of memory",
+    "cannot allocate memory",
+    "can't allocate memory",
+)
+
+
+# ----------------------------------------------------------------------
+# The worker: one configuration, one process
+# ----------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _device_peak_reset():
+    """Resets the accelerator's peak counter; returns a reader of it, or
+    None on CPU."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.config.list_logical_devices("GPU"):
+            return None
+        tf.config.experimental.reset_memory_stats("GPU:0")
+        return lambda: tf.config.experimental.get_memory_info("GPU:0")["peak"]
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform == "cpu":
+            return None
+        return lambda: device.memory_stats().get("peak_bytes_in_use")
+    if backend == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.max_memory_allocated
+    return None
+
+
+def wait_for(variables) -> None:
+    """Blocks until the values of `variables` are computed.
+
+    JAX dispatches work asynchronously: a freshly built model's weights are
+    still being initialized when `build` returns (and the random
+    initializers' temporaries peak at several times the weights), so
+    without this the initialization would land inside the measurement.
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        jax.block_until_ready([variable.value for variable in variables])
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Records the wall time of every training batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def _zipf_ids(rng, rows: int, count: int):
+    """`count` ids in [0, rows) with Zipf-distributed popularity; which row
+    is popular is random, so hot rows are spread over the table."""
+    ranks = (rng.zipf(ZIPF_EXPONENT, size=count) - 1) % rows
+    # A random row for each rank, without building a permutation of the
+    # whole table: an affine map modulo `rows` with a multiplier coprime
+    # to it.
+    multiplier = int(rng.integers(1, rows))
+    while math.gcd(multiplier, rows) != 1:
+        multiplier += 1
+    offset = int(rng.integers(0, rows))
+    return ((ranks * multiplier + offset) % rows).astype(np.int32)
+
+
+def build_case(model_name: str, size: dict, rows: int, seed: int = 0):
+    """`(model, x, y, batch_size, loss)` for one model at one size."""
+    rng = np.random.default_rng(seed)
+    keras.utils.set_random_seed(seed)
+    if model_name == "recommender":
+        ids = _zipf_ids(rng, rows, size["examples"] * IDS_PER_EXAMPLE)
+        x = ids.reshape(size["examples"], IDS_PER_EXAMPLE)
+        y = rng.standard_normal((size["examples"], 1)).astype(np.float32)
+        model = keras.Sequential(
+            [
+                keras.Input((IDS_PER_EXAMPLE,), dtype="int32"),
+                keras.layers.Embedding(rows, RECOMMENDER_WIDTH),
+                keras.layers.GlobalAveragePooling1D(),
+                keras.layers.Dense(1),
+            ],
+            name="recommender",
+        )
+        return model, x, y, size["batch_size"], "mse"
+    if model_name == "transformer":
+        import keras_hub
+
+        config = size["transformer"]
+        backbone = keras_hub.models.GPT2Backbone(
+            vocabulary_size=config["vocabulary"],
+            num_layers=config["layers"],
+            num_heads=config["heads"],
+            hidden_dim=config["dim"],
+            intermediate_dim=4 * config["dim"],
+            max_sequence_length=config["context"],
+            dropout=0.0,
+        )
+        model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+        batch = size["transformer_batch"]
+        count = batch * size["transformer_steps"]
+        tokens = rng.integers(
+            0, config["vocabulary"], (count, config["context"] + 1)
+        ).astype(np.int32)
+        x = {
+            "token_ids": tokens[:, :-1],
+            "padding_mask": np.ones((count, config["context"]), bool),
+        }
+        y = tokens[:, 1:]
+        return (
+            model,
+            x,
+            y,
+            batch,
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+    if model_name == "cnn":
+        sys.path.insert(
+            0,
+            os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"),
+        )
+        import fashion_mnist_common
+
+        batch = size["cnn_batch"]
+        count = batch * size["cnn_steps"]
+        x = rng.random((count, 28, 28, 1), dtype=np.float32)
+        y = rng.integers(0, 10, count).astype(np.int32)
+        return (
+            fashion_mnist_common.build_cnn(),
+            x,
+            y,
+            batch,
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+    raise ValueError(f"unknown model {model_name!r}")
+
+
+def run_worker(config: dict) -> dict:
+    """Builds one case, trains one epoch and returns the measurements."""
+    size = config["size"]
+    model, x, y, batch_size, loss = build_case(
+        config["model"], size, config["rows"], config.get("seed", 0)
+    )
+    optimizer = OPTIMIZERS[config["optimizer"]][1]()
+    model.compile(optimizer=optimizer, loss=loss)
+    # Build the layers (the weights) before the measurement starts.
+    first = (
+        {key: value[:1] for key, value in x.items()} if isinstance(x, dict) else x[:1]
+    )
+    model(first)
+    parameters = int(
+        sum(int(np.prod(variable.shape)) for variable in model.trainable_variables)
+    )
+    weight_bytes = int(
+        sum(
+            int(np.prod(variable.shape))
+            * np.dtype(keras.backend.standardize_dtype(variable.dtype)).itemsize
+            for variable in model.trainable_variables
+        )
+    )
+    wait_for(model.variables)
+    timer = StepTimer()
+    gc.collect()
+    resident_before = _status_kib("VmRSS") * 1024
+    if not _reset_peak():
+        raise RuntimeError("cannot reset the peak: /proc/self/clear_refs")
+    device_peak = _device_peak_reset()
+    model.fit(
+        x,
+        y,
+        batch_size=batch_size,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[timer],
+    )
+    wait_for(model.variables + model.optimizer.variables)
+    peak = _status_kib("VmHWM") * 1024
+    # The first steps compile; the median of the rest is the step time.
+    steady = timer.seconds[2:] or timer.seconds
+    return {
+        "parameters": parameters,
+        "weight_bytes": weight_bytes,
+        "resident_before": resident_before,
+        "peak": peak,
+        "peak_above": peak - resident_before,
+        "state_bytes": int(optimizer_state_bytes(model.optimizer)),
+        "device_peak": None if device_peak is None else int(device_peak()),
+        "step_ms": 1000 * statistics.median(steady),
+        "steps": len(timer.seconds),
+    }
+
+
+# ----------------------------------------------------------------------
+# The driver: one subprocess per configuration
+# ----------------------------------------------------------------------
+
+
+def run_configuration(config: dict, timeout: float) -> dict:
+    """Runs one configuration in a fresh process. A run that is killed or
+    runs out of memory gives a row that says so instead of a crash."""
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        json.dumps(config),
+    ]
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": f"timed out after {timeout:.0f} s"}
+    for line in result.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {"status": "ok", **json.loads(line[len("RESULT ") :])}
+    error = (result.stderr or "").strip().splitlines()
+    last_line = error[-1] if error else "no output"
+    if result.returncode in (-9, 137):
+        return {"status": "out of memory (killed)"}
+    if any(marker in (result.stderr or "").lower() for marker in OUT_OF_MEMORY):
+        return {"status": f"out of memory ({last_line[:120]})"}
+    return {"status": f"failed (exit {result.returncode}): {last_line[:200]}"}
+
+
+def describe_configuration(config: dict) -> str:
+    return f"{config['model']} / {OPTIMIZERS[config['optimizer']][0]}" + (
+        f" / {config['rows']:,} rows" if config["model"] == "recommender" else ""
+    )
+
+
+def add_derived(rows: list, baseline_name: str = "sgd") -> None:
+    """Adds bytes per parameter, the excess over SGD relative to the state,
+    and the target check, to rows of one model and size."""
+    baseline = next(
+        (
+            row
+            for row in rows
+            if row["optimizer"] == baseline_name and row["status"] == "ok"
+        ),
+        None,
+    )
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        row["peak_above_per_param"] = row["peak_above"] / row["parameters"]
+        row["state_per_param"] = row["state_bytes"] / row["parameters"]
+        if baseline is None:
+            continue
+        over_sgd = row["peak"] - baseline["peak"]
+        row["over_sgd_per_param"] = over_sgd / row["parameters"]
+        row["over_sgd_per_state"] = (
+            over_sgd / row["state_bytes"] if row["state_bytes"] else None
+        )
+        # Bytes above the target `state + 2% of the weights`, as a fraction
+        # of the weights (<= 0 meets it).
+        row["excess_fraction"] = (
+            over_sgd - row["state_bytes"] - TARGET_WEIGHT_FRACTION * row["weight_bytes"]
+        ) / row["weight_bytes"]
+
+
+def _format(value, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def table(rows: list) -> str:
+    header = (
+        "| model | optimizer | params | resident before fit (MB) | peak above it "
+        "(bytes / param) | state (bytes / param) | peak - SGD's peak (bytes / "
+        "param) | (peak - SGD's peak) / state | above target (x weights) | "
+        "device peak (MB) | ms / step |"
+    )
+    lines = [header, "|" + "---|" * 11]
+    for row in rows:
+        name = OPTIMIZERS[row["optimizer"]][0]
+        if row["status"] != "ok":
+            lines.append(f"| {row['model']} | {name} | {row['status']} |" + " |" * 8)
+            continue
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    row["model"],
+                    name,
+                    f"{row['parameters']:,}",
+                    f"{row['resident_before'] / 2**20:.0f}",
+                    f"{row['peak_above_per_param']:.2f}",
+                    f"{row['state_per_param']:.2f}",
+                    _format(row.get("over_sgd_per_param"), "{:.2f}"),
+                    _format(row.get("over_sgd_per_state"), "{:.2f}"),
+                    _format(row.get("excess_fraction"), "{:+.3f}"),
+                    _format(
+                        None
+                        if row["device_peak"] is None
+                        else row["device_peak"] / 2**20,
+                        "{:.0f}",
+                    ),
+                    f"{row['step_ms']:.1f}",
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def target_lines(rows: list) -> list:
+    """PASS / FAIL lines of the targets, for keras_soma's optimizers."""
+    lines = []
+    for row in rows:
+        if row["optimizer"] not in KERAS_SOMA_OPTIMIZERS or row["status"] != "ok":
+            continue
+        excess = row.get("excess_fraction")
+        if excess is None:
+            continue
+        verdict = "PASS" if excess <= 0 else "FAIL"
+        lines.append(
+            f"- {verdict}  {row['model']}"
+            + (f" ({row['rows']:,} rows)" if row["model"] == "recommender" else "")
+            + f", {OPTIMIZERS[row['optimizer']][0]}: peak - SGD's peak = state "
+            f"{'+' if excess >= 0 else '-'} "
+            f"{abs(excess + TARGET_WEIGHT_FRACTION):.3f} x weights "
+            f"(target: state + {TARGET_WEIGHT_FRACTION:.2f} x weights)"
+        )
+    return lines
+
+
+def largest_tables(sweep: dict) -> list:
+    """Least-squares line of peak against rows for each optimizer, and the
+    rows at which the peak reaches each budget."""
+    lines = []
+    for name, points in sweep.items():
+        points = [(rows, row["peak"]) for rows, row in points if row["status"] == "ok"]
+        if len(points) < 3:
+            continue
+        count = len(points)
+        mean_x = sum(x for x, _ in points) / count
+        mean_y = sum(y for _, y in points) / count
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum(
+            (x - mean_x) ** 2 for x, _ in points
+        )
+        intercept = mean_y - slope * mean_x
+        largest = [
+            max(0.0, (budget * 10**9 - intercept) / slope) for budget in BUDGETS_GB
+        ]
+        lines.append(
+            f"| {OPTIMIZERS[name][0]} | {slope / RECOMMENDER_WIDTH:.2f} | "
+            f"{intercept / 2**20:.0f} | "
+            + " | ".join(f"{rows / 1e6:,.1f}M" for rows in largest)
+            + " |"
+        )
+    if not lines:
+        return []
+    header = (
+        "| optimizer | peak bytes / parameter (slope) | peak at 0 rows (MB) | "
+        + " | ".join(
+            f"largest table in {budget} GB (rows x 64)" for budget in BUDGETS_GB
+        )
+        + " |"
+    )
+    return [header, "|" + "---|" * (3 + len(BUDGETS_GB)), *lines]
+
+
+def plot(rows: list, model: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    shown = [row for row in rows if row["status"] == "ok"]
+    if not shown:
+        return
+    names = [OPTIMIZERS[row["optimizer"]][0] for row in shown]
+    state = [row["state_per_param"] for row in shown]
+    other = [row["peak_above_per_param"] - row["state_per_param"] for row in shown]
+    figure, axes = pyplot.subplots(figsize=(9, 4.5))
+    positions = range(len(shown))
+    axes.bar(positions, state, label="optimizer state", color="#4c72b0")
+    axes.bar(
+        positions,
+        other,
+        bottom=state,
+        label="everything else fit adds",
+        color="#dd8452",
+    )
+    axes.set_xticks(list(positions), names, rotation=35, ha="right")
+    axes.set_ylabel("peak above the resident size before fit\n(bytes / parameter)")
+    axes.set_title(f"Peak training memory, {model} ({shown[0]['parameters']:,} params)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--models", nargs="+", choices=MODELS, default=list(MODELS), help="default: all"
+    )
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=list(OPTIMIZERS),
+        default=list(OPTIMIZERS),
+        help="default: all (SGD is always run: it is the baseline)",
+    )
+    parser.add_argument("--short", action="store_true", help="small sizes, for CI")
+    parser.add_argument(
+        "--rows", type=int, default=None, help="embedding rows of the recommender"
+    )
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="*",
+        default=None,
+        help="embedding rows for the slope of peak against size (at least 3, "
+        "or none to skip the slope)",
+    )
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    parser.add_argument(
+        "--output-dir", default=None, help="write .md, .csv and .png here"
+    )
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        return args
+    size = SHORT if args.short else DEFAULTS
+    if args.rows is None:
+        args.rows = size["rows"]
+    if args.sizes is None:
+        args.sizes = size["sizes"]
+    if args.rows < 1:
+        parser.error(f"--rows must be an integer >= 1; received {args.rows}")
+    if args.sizes and (len(args.sizes) < 3 or min(args.sizes) < 1):
+        parser.error(
+            f"--sizes must be at least 3 integers >= 1 (or none); received {args.sizes}"
+        )
+    if not args.timeout > 0:
+        parser.error(f"--timeout must be > 0; received {args.timeout}")
+    if not sys.platform.startswith("linux"):
+        parser.error("the CPU peak is read from /proc: Linux only")
+    if "sgd" not in args.optimizers:
+        args.optimizers = ["sgd", *args.optimizers]
+    args.size = size
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker is not None:
+        print("RESULT " + json.dumps(run_worker(json.loads(args.worker))), flush=True)
+        return None
+    backend = keras.backend.backend()
+    all_rows = []
+    sweep = {}
+    for model in args.models:
+        sizes = [args.rows]
+        if model == "recommender" and args.sizes:
+            sizes = sorted(set(args.sizes) | {args.rows})
+        for rows_count in sizes:
+            group = []
+            for name in args.optimizers:
+                config = {
+                    "model": model,
+                    "optimizer": name,
+                    "rows": rows_count,
+                    "size": args.size,
+                }
+                started = time.perf_counter()
+                row = {
+                    "model": model,
+                    "optimizer": name,
+                    "rows": rows_count,
+                    **run_configuration(config, args.timeout),
+                }
+                print(
+                    f"{describe_configuration(config)}: {row['status']}"
+                    + (
+                        f", peak above pre-fit {row['peak_above'] / 2**20:.0f} MB"
+                        if row["status"] == "ok"
+                        else ""
+                    )
+                    + f" ({time.perf_counter() - started:.0f} s)",
+                    flush=True,
+                )
+                group.append(row)
+                if model == "recommender":
+                    sweep.setdefault(name, []).append((rows_count, row))
+            add_derived(group)
+            if rows_count == args.rows:
+                all_rows.extend(group)
+    report = [
+        f"Peak training memory, {backend} backend",
+        "",
+        table(all_rows),
+        "",
+        *target_lines(all_rows),
+    ]
+    largest = largest_tables(sweep)
+    if largest:
+        report += ["", "Largest embedding table (x 64 float32) per memory budget:", ""]
+        report += largest
+    command = "python " + " ".join(
+        ["benchmarks/peak_memory.py", *(argv or sys.argv[1:])]
+    )
+    report += [
+        "",
+        f"Produced by `{command}`: Keras {keras.__version__}, {backend} backend, "
+        f"{platform.machine()}, {os.cpu_count()} CPU cores.",
+    ]
+    text = "\n".join(report)
+    print("\n" + text)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        stem = os.path.join(args.output_dir, f"peak_memory_{backend}")
+        with open(stem + ".md", "w") as handle:
+            handle.write(text + "\n")
+        fields = sorted({key for row in all_rows for key in row})
+        with open(stem + ".csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(all_rows)
+        for model in args.models:
+            plot(
+                [row for row in all_rows if row["model"] == model],
+                model,
+                f"{stem}_{model}.png",
+            )
+    return all_rows
+
+
+if __name__ == "__main__":
+    main()
