@@ -218,10 +218,11 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
 
         `step_fn(value, gradient, *slot_values, learning_rate,
         *hyperparameters)` returns `(new_value, *new_slot_values)`.
-        Gradients given as tf.IndexedSlices are made dense first (the
-        optimizers with a row path handle them before calling this), or,
-        with `lazy_sparse_updates=True`, go to `update_rows_with` (every
-        slot must then have the variable's rows as its first dimension).
+        Sparse gradients (`keras_soma._sparse`) are made dense first (the
+        optimizers with a row path handle row-sliced ones before calling
+        this), or, with `lazy_sparse_updates=True`, row-sliced ones go to
+        `update_rows_with` (every slot must then have the variable's rows
+        as its first dimension).
         """
         if self.lazy_sparse_updates and _sparse.is_row_sliced(gradient):
             self.update_rows_with(
@@ -252,15 +253,19 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         learning_rate,
         hyperparameters: Sequence[Any] = (),
     ) -> None:
-        """Like `update_with`, on the rows a tf.IndexedSlices gradient
-        touches and nothing else (the lazy row path).
+        """Like `update_with`, on the rows a row-sliced gradient
+        (`tf.IndexedSlices`, a BCOO or torch sparse COO tensor with one
+        sparse dimension) touches and nothing else (the lazy row path).
 
         Rows named more than once in `gradient` are summed first. Only
         those rows of `variable` and of each of `row_slots` (state whose
         first dimension indexes the variable's rows) are read, passed to
-        `step_fn` with the summed row gradients, and written back; no
-        full-size temporary is made. Weight decay, like the rest of the
-        update, reaches only the touched rows.
+        `step_fn` with the summed row gradients, and written back. On
+        TensorFlow no full-size temporary is made (a gather and a scatter);
+        on JAX and torch the write is an update of the whole value at those
+        rows (in place on JAX when the compiled step donates its
+        variables). Weight decay, like the rest of the update, reaches only
+        the touched rows.
         """
         indices, row_gradient = _sparse.unique_rows(gradient)
         learning_rate = ops.cast(learning_rate, variable.dtype)
@@ -270,7 +275,7 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         for target, result in zip(
             targets, compute(values, row_gradient, learning_rate)
         ):
-            self.assign(target, _sparse.row_slices(result, indices))
+            self.assign(target, _sparse.rows_written(target, result, indices))
 
     def _step_computation(self, step_fn, targets, hyperparameters):
         """`compute(values, gradient, learning_rate)`: weight decay, then

@@ -1,68 +1,167 @@
-"""Private helpers for row-sliced (tf.IndexedSlices) gradients.
+"""Private helpers for sparse gradients, on every backend.
 
-Keras on TensorFlow hands an Embedding layer's gradient to the optimizer
-as `tf.IndexedSlices`: some rows of the table, possibly with repeated row
-indices. On JAX gradients are always dense and these helpers are identity
-functions.
+The sparse forms a Keras optimizer is handed, by backend:
+
+* TensorFlow: `tf.IndexedSlices`, what an `Embedding` layer's gradient is
+  (some rows of the table, possibly with repeated row indices).
+* JAX: `jax.experimental.sparse.BCOO`. JAX's autodiff gives dense
+  gradients, so Keras never makes one itself, but Keras's optimizers
+  accept it (Keras's own sparse-gradient test applies one). A BCOO with
+  one sparse dimension and no batch dimension names whole rows, like
+  IndexedSlices; any other layout is element-wise.
+* torch: Keras never hands one (its `Embedding` calls
+  `torch.nn.functional.embedding` with `sparse=False`, and Keras's torch
+  backend does not support sparse tensors), but Keras's own optimizers
+  accept a torch sparse COO tensor given by hand, such as the gradient of
+  a `torch.nn.Embedding(sparse=True)`. One with one sparse dimension names
+  whole rows.
+
+A "row-sliced" gradient is one that names whole rows: the optimizers with
+a row path (`update_rows_with`) read and write only those rows. Every
+other sparse gradient is made dense.
 """
 
 from __future__ import annotations
 
 import keras
+from keras import ops
+
+
+def is_sparse(gradient) -> bool:
+    """True for a gradient in one of the backend's sparse forms."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return isinstance(gradient, tf.IndexedSlices)
+    if backend == "jax":
+        from jax.experimental import sparse as jax_sparse
+
+        return isinstance(gradient, jax_sparse.JAXSparse)
+    if backend == "torch":
+        import torch
+
+        return isinstance(gradient, torch.Tensor) and gradient.layout != torch.strided
+    return False
 
 
 def is_row_sliced(gradient) -> bool:
-    """True for a TensorFlow `tf.IndexedSlices` gradient."""
-    if keras.backend.backend() != "tensorflow":
+    """True for a sparse gradient that names whole rows of its variable:
+    a `tf.IndexedSlices`, a BCOO whose only sparse dimension is the first
+    (no batch dimensions), or a torch sparse COO tensor with one sparse
+    dimension."""
+    if not is_sparse(gradient):
         return False
-    import tensorflow as tf
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return True
+    if backend == "jax":
+        from jax.experimental import sparse as jax_sparse
 
-    return isinstance(gradient, tf.IndexedSlices)
+        return (
+            isinstance(gradient, jax_sparse.BCOO)
+            and gradient.n_batch == 0
+            and gradient.n_sparse == 1
+        )
+    import torch
+
+    return gradient.layout == torch.sparse_coo and gradient.sparse_dim() == 1
 
 
 def densify(gradient):
-    """The dense tensor of a gradient (duplicate rows summed)."""
-    if not is_row_sliced(gradient):
+    """The dense tensor of a gradient (duplicate entries summed)."""
+    if not is_sparse(gradient):
         return gradient
-    import tensorflow as tf
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
 
-    return tf.convert_to_tensor(gradient)
+        return tf.convert_to_tensor(gradient)
+    if backend == "jax":
+        return gradient.todense()
+    return gradient.to_dense()
 
 
 def values_of(gradient):
-    """The numbers a gradient holds: `values` of IndexedSlices, else itself."""
-    if is_row_sliced(gradient):
+    """The numbers a gradient holds, to check for NaN and Inf: the values
+    of IndexedSlices, the data of a BCOO (padding entries, zeros, included),
+    the values of a torch sparse COO tensor, else the gradient itself."""
+    if not is_sparse(gradient):
+        return gradient
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
         return gradient.values
-    return gradient
+    if backend == "jax":
+        return gradient.data
+    import torch
+
+    if gradient.layout == torch.sparse_coo:
+        return gradient.coalesce().values()
+    return gradient.to_dense()
 
 
 def unique_rows(gradient):
-    """`(row_indices, row_gradients)` with each row index once.
+    """`(row_indices, row_gradients)` of a row-sliced gradient, each row
+    index once.
 
-    Rows that appear more than once in the IndexedSlices are summed first,
-    which is what the dense gradient would hold for that row.
+    Rows that appear more than once are summed first, which is what the
+    dense gradient would hold for that row. On JAX the number of rows stays
+    the BCOO's `nse` (static under `jax.jit`): the rows left over are
+    padding, with the out-of-range index `shape[0]`, which `gather_rows`
+    reads as zeros and `rows_written` drops.
     """
-    import tensorflow as tf
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
 
-    unique_indices, positions = tf.unique(gradient.indices)
-    summed = tf.math.unsorted_segment_sum(
-        gradient.values, positions, tf.shape(unique_indices)[0]
-    )
-    return unique_indices, summed
+        unique_indices, positions = tf.unique(gradient.indices)
+        summed = tf.math.unsorted_segment_sum(
+            gradient.values, positions, tf.shape(unique_indices)[0]
+        )
+        return unique_indices, summed
+    if backend == "jax":
+        from jax.experimental import sparse as jax_sparse
+
+        summed = jax_sparse.bcoo_sum_duplicates(gradient, nse=gradient.nse)
+        return summed.indices[:, 0], summed.data
+    coalesced = gradient.coalesce()
+    return coalesced.indices()[0], coalesced.values()
 
 
 def gather_rows(variable, indices):
-    """Rows `indices` of a Keras (or tf) variable, read without reading
-    the rest of it (a resource gather, not a read and then a gather)."""
-    import tensorflow as tf
+    """Rows `indices` of a Keras (or backend) variable.
 
-    native = variable.value if isinstance(variable, keras.Variable) else variable
-    return tf.gather(native, indices)
+    On TensorFlow a resource gather, which reads those rows and nothing
+    else. On JAX out-of-range indices (BCOO padding) read zeros.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        native = variable.value if isinstance(variable, keras.Variable) else variable
+        return tf.gather(native, indices)
+    value = ops.convert_to_tensor(variable)
+    if backend == "jax":
+        return value.at[indices].get(mode="fill", fill_value=0)
+    return ops.take(value, indices, axis=0)
 
 
-def row_slices(rows, indices):
-    """`rows` to be written at row `indices` of a variable: a
-    tf.IndexedSlices, which `optimizer.assign` turns into a scatter."""
-    import tensorflow as tf
+def rows_written(variable, rows, indices):
+    """What to `assign` to `variable` so that its rows `indices` become
+    `rows` and the others stay as they are.
 
-    return tf.IndexedSlices(rows, indices)
+    On TensorFlow a `tf.IndexedSlices`, which `optimizer.assign` turns into
+    a scatter that writes those rows only. Elsewhere the variable's new
+    value: on JAX `.at[indices].set`, which XLA does in place when the
+    step is compiled with the variables donated (out-of-range indices,
+    BCOO padding, are dropped); on torch a scatter into a copy.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.IndexedSlices(rows, indices)
+    value = ops.convert_to_tensor(variable)
+    if backend == "jax":
+        return value.at[indices].set(rows, mode="drop")
+    return ops.scatter_update(value, ops.expand_dims(indices, 1), rows)

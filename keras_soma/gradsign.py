@@ -78,9 +78,12 @@ class GradSign(KerasSomaOptimizer):
         fused: Bool or `None`. `None` runs each variable's update as one
             XLA kernel on TensorFlow where that is safe, `False` always
             runs it op by op. Defaults to `None`.
-        lazy_sparse_updates: Bool. How a row-sliced gradient (the
-            `tf.IndexedSlices` an `Embedding` layer gets on TensorFlow;
-            JAX's gradients are always dense) is applied. `False` applies
+        lazy_sparse_updates: Bool. How a sparse gradient that names
+            whole rows is applied: the `tf.IndexedSlices` an `Embedding`
+            layer gets on TensorFlow, or a JAX `BCOO` or torch sparse COO
+            tensor with one sparse dimension given to `apply` (Keras's own
+            JAX and torch training steps give dense gradients). Other
+            sparse gradients are always made dense. `False` applies
             the dense gradient it stands for: every row's counter decays
             towards 0, so a row with no gradient this step still moves by
             `learning_rate * c / 64` with its decayed counter. `True` reads

@@ -72,9 +72,12 @@ class Soma(KerasSomaOptimizer):
             XLA kernel on TensorFlow where that is safe (see the
             performance page), `False` always runs it op by op. The numbers
             are the same. Defaults to `None`.
-        lazy_sparse_updates: Bool. How a row-sliced gradient (the
-            `tf.IndexedSlices` an `Embedding` layer gets on TensorFlow;
-            JAX's gradients are always dense) is applied. `False` applies
+        lazy_sparse_updates: Bool. How a sparse gradient that names
+            whole rows is applied: the `tf.IndexedSlices` an `Embedding`
+            layer gets on TensorFlow, or a JAX `BCOO` or torch sparse COO
+            tensor with one sparse dimension given to `apply` (Keras's own
+            JAX and torch training steps give dense gradients). Other
+            sparse gradients are always made dense. `False` applies
             the dense gradient it stands for: every row's average decays,
             so a row with no gradient this step still moves by
             `learning_rate` times the sign of its (decayed) average.

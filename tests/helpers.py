@@ -61,30 +61,133 @@ def make_stepper(optimizer, variables, mode: str) -> Callable:
         step.trace_count = lambda: len(traces)
         return step
     if backend == "jax":
-        import jax
+        return _jax_compiled_stepper(
+            optimizer,
+            variables,
+            lambda gradients: [keras.ops.convert_to_tensor(g) for g in gradients],
+        )
+    raise ValueError(f"mode {mode!r} is not available on backend {backend!r}")
 
-        optimizer.build(variables)
 
-        @jax.jit
-        def compiled(optimizer_values, variable_values, gradients):
-            traces.append(1)
-            return optimizer.stateless_apply(
-                optimizer_values, gradients, variable_values
-            )
+def _jax_compiled_stepper(optimizer, variables, make_gradients) -> Callable:
+    """`step(*arguments)`: `optimizer.stateless_apply` under `jax.jit` on
+    the gradients `make_gradients(*arguments)` (built inside the trace),
+    the results written back into the variables."""
+    import jax
 
-        def step(gradients):
-            new_variables, new_optimizer = compiled(
-                [v.value for v in optimizer.variables],
-                [v.value for v in variables],
-                [keras.ops.convert_to_tensor(g) for g in gradients],
-            )
-            for target, value in zip(variables, new_variables):
-                target.assign(value)
-            for target, value in zip(optimizer.variables, new_optimizer):
-                target.assign(value)
+    traces = []  # a Python side effect runs once per trace
+    optimizer.build(variables)
 
-        step.trace_count = lambda: len(traces)
-        return step
+    @jax.jit
+    def compiled(optimizer_values, variable_values, arguments):
+        traces.append(1)
+        return optimizer.stateless_apply(
+            optimizer_values, make_gradients(*arguments), variable_values
+        )
+
+    def step(*arguments):
+        new_variables, new_optimizer = compiled(
+            [v.value for v in optimizer.variables],
+            [v.value for v in variables],
+            arguments,
+        )
+        for target, value in zip(variables, new_variables):
+            target.assign(value)
+        for target, value in zip(optimizer.variables, new_optimizer):
+            target.assign(value)
+
+    step.trace_count = lambda: len(traces)
+    return step
+
+
+# ---------------------------------------------------------------------------
+# Sparse gradients
+# ---------------------------------------------------------------------------
+
+
+def sparse_modes() -> list[str]:
+    """Modes a sparse gradient can be applied in: eagerly everywhere, and
+    traced on TensorFlow (tf.function) and JAX (jax.jit)."""
+    if keras.backend.backend() in ("tensorflow", "jax"):
+        return ["eager", "compiled"]
+    return ["eager"]
+
+
+def native_row_gradient(indices, values, shape):
+    """The gradient of rows `indices` of a variable of `shape` (`values[i]`
+    for row `indices[i]`, repeats summed) in the sparse form of the backend
+    in use: a `tf.IndexedSlices` (an `Embedding` layer's gradient on
+    TensorFlow), a `jax.experimental.sparse.BCOO` with one sparse dimension
+    (what Keras's own sparse optimizer test applies on JAX), a torch sparse
+    COO tensor with one sparse dimension, uncoalesced (what a
+    `torch.nn.Embedding(sparse=True)` gives)."""
+    backend = keras.backend.backend()
+    shape = tuple(shape)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.IndexedSlices(
+            tf.convert_to_tensor(values),
+            tf.convert_to_tensor(indices),
+            tf.constant(shape, "int64"),
+        )
+    if backend == "jax":
+        import jax.numpy as jnp
+        from jax.experimental import sparse as jax_sparse
+
+        return jax_sparse.BCOO(
+            (jnp.asarray(values), jnp.asarray(indices)[:, None]), shape=shape
+        )
+    if backend == "torch":
+        import torch
+
+        indices = keras.ops.convert_to_tensor(indices, "int64")
+        return torch.sparse_coo_tensor(
+            indices[None],
+            keras.ops.convert_to_tensor(values),
+            shape,
+            check_invariants=True,
+        )
+    raise ValueError(f"no sparse gradient form on backend {backend!r}")
+
+
+def native_elementwise_gradient(dense):
+    """`dense` as a sparse gradient over every axis (not whole rows): a
+    BCOO with `n_sparse` = rank on JAX, a torch sparse COO tensor with
+    `sparse_dim` = rank on torch. TensorFlow has no such gradient form (its
+    sparse gradients, tf.IndexedSlices, always name whole rows)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        from jax.experimental import sparse as jax_sparse
+
+        return jax_sparse.BCOO.fromdense(keras.ops.convert_to_tensor(dense))
+    if backend == "torch":
+        return keras.ops.convert_to_tensor(dense).to_sparse()
+    raise ValueError(f"no element-wise sparse gradient on backend {backend!r}")
+
+
+def make_row_stepper(optimizer, variable, mode: str) -> Callable:
+    """`step(indices, values)`: one update of `variable` with the gradient
+    of rows `indices` in the backend's sparse form (`native_row_gradient`),
+    applied eagerly or traced (`sparse_modes`)."""
+    shape = tuple(variable.shape)
+
+    def apply(indices, values):
+        optimizer.apply([native_row_gradient(indices, values, shape)], [variable])
+
+    backend = keras.backend.backend()
+    if mode == "eager":
+        return apply
+    if mode == "compiled" and backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(apply)
+    if mode == "compiled" and backend == "jax":
+        return _jax_compiled_stepper(
+            optimizer,
+            [variable],
+            lambda indices, values: [native_row_gradient(indices, values, shape)],
+        )
     raise ValueError(f"mode {mode!r} is not available on backend {backend!r}")
 
 

@@ -44,16 +44,28 @@ class OptimizerSpec:
     argument_ranges: dict[str, tuple[float, float, bool, bool]] = dataclasses.field(
         default_factory=dict
     )
-    # The numpy reference of the row path for a tf.IndexedSlices gradient,
-    # step(variable, indices, values, state, learning_rate, weight_decay,
-    # **hyper), and the constructor arguments that select that path; None
-    # where the optimizer has no row path.
+    # The numpy reference of the row path for a row-sliced gradient (a
+    # tf.IndexedSlices, a BCOO or torch sparse COO tensor with one sparse
+    # dimension), step(variable, indices, values, state, learning_rate,
+    # weight_decay, **hyper), and the constructor arguments that select
+    # that path; None where the optimizer has no row path.
     sparse_reference_step: Callable | None = None
     sparse_arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.cls.__name__
+
+    def takes_row_path(self, arguments: dict[str, Any]) -> bool:
+        """Whether the optimizer built with `arguments` applies a
+        row-sliced gradient through its row path (else it applies the
+        dense gradient the rows stand for)."""
+        if self.sparse_reference_step is None:
+            return False
+        return all(
+            arguments.get(name) == value
+            for name, value in self.sparse_arguments.items()
+        )
 
 
 COMMON_BAD_ARGUMENTS = [

@@ -12,7 +12,15 @@ import os
 import keras
 import numpy as np
 import pytest
-from helpers import make_stepper, random_gradient, to_numpy
+from helpers import (
+    TOLERANCE,
+    make_row_stepper,
+    make_stepper,
+    native_elementwise_gradient,
+    random_gradient,
+    sparse_modes,
+    to_numpy,
+)
 from registry import REGISTRY, exported_optimizers
 
 import keras_soma
@@ -313,6 +321,148 @@ def test_compiled_step_traces_once_and_keeps_dtypes(spec):
     assert [v.dtype for v in optimizer.variables] == dtypes_before
     assert [tuple(v.shape) for v in optimizer.variables] == shapes_before
     assert keras.backend.standardize_dtype(variable.dtype) == "float32"
+
+
+# ---------------------------------------------------------------------------
+# Sparse gradients
+# ---------------------------------------------------------------------------
+
+
+def sparse_argument_sets(spec):
+    """Constructor arguments to apply sparse gradients under: the defaults,
+    and those that select the row path where it is a choice."""
+    return [{}, spec.sparse_arguments] if spec.sparse_arguments else [{}]
+
+
+def rows_with_a_repeat(rng, shape, count=5):
+    """Row indices, one of them named twice (repeats are summed), and
+    their gradients."""
+    indices = rng.choice(np.arange(shape[0]), size=count)
+    indices[1] = indices[0]
+    values = rng.standard_normal((count, *shape[1:])).astype("float32")
+    return indices.astype("int64"), values
+
+
+def slot_values(optimizer, variable):
+    return {
+        name: to_numpy(value) for name, value in optimizer.get_slots(variable).items()
+    }
+
+
+def assert_same_results(
+    variable, optimizer, expected_variable, expected_state, context
+):
+    tolerance = TOLERANCE["float32"]
+    np.testing.assert_allclose(
+        to_numpy(variable),
+        expected_variable,
+        rtol=tolerance,
+        atol=tolerance,
+        err_msg=f"variable {context}",
+    )
+    state = slot_values(optimizer, variable)
+    assert sorted(state) == sorted(expected_state), context
+    for name, expected in expected_state.items():
+        assert state[name].dtype == expected.dtype, (name, context)
+        tolerance = TOLERANCE.get(str(expected.dtype), 0)
+        np.testing.assert_allclose(
+            state[name].astype(np.float64),
+            expected.astype(np.float64),
+            rtol=tolerance,
+            atol=tolerance,
+            err_msg=f"slot {name!r} {context}",
+        )
+
+
+@pytest.mark.parametrize("mode", sparse_modes())
+@pytest.mark.parametrize("spec", SPECS)
+def test_row_sparse_gradients_equal_dense_or_the_row_reference(spec, mode):
+    """Keras's sparse-gradient contract (its
+    keras/src/optimizers/optimizer_sparse_test.py): the backend's sparse
+    gradient of some rows (tf.IndexedSlices, a BCOO, a torch sparse COO
+    tensor; `helpers.native_row_gradient`), a row named twice included, is
+    accepted and gives the results of the dense gradient it stands for;
+    where the optimizer takes its row path instead, those of the numpy row
+    reference."""
+    shape = (8, 3)
+    learning_rate = 0.05
+    for arguments in sparse_argument_sets(spec):
+        rng = np.random.default_rng(11)
+        start = rng.standard_normal(shape).astype("float32")
+        variables, optimizers = [], []
+        for _ in range(2):
+            variables.append(keras.Variable(start))
+            optimizers.append(spec.cls(learning_rate=learning_rate, **arguments))
+            optimizers[-1].build([variables[-1]])
+        (sparse_variable, dense_variable), (sparse_optimizer, dense_optimizer) = (
+            variables,
+            optimizers,
+        )
+        sparse_step = make_row_stepper(sparse_optimizer, sparse_variable, mode)
+        dense_step = make_stepper(dense_optimizer, [dense_variable], mode)
+        row_path = spec.takes_row_path(arguments)
+        expected_variable = start
+        expected_state = slot_values(sparse_optimizer, sparse_variable)
+        for step in range(3):
+            indices, values = rows_with_a_repeat(rng, shape)
+            sparse_step(indices, values)
+            if row_path:
+                expected_variable, expected_state = spec.sparse_reference_step(
+                    expected_variable, indices, values, expected_state, learning_rate
+                )
+            else:
+                dense = np.zeros(shape, "float32")
+                np.add.at(dense, indices, values)
+                dense_step([dense])
+                expected_variable = to_numpy(dense_variable)
+                expected_state = slot_values(dense_optimizer, dense_variable)
+            context = f"{arguments}, row path: {row_path}, step {step}"
+            assert_same_results(
+                sparse_variable,
+                sparse_optimizer,
+                expected_variable,
+                expected_state,
+                context,
+            )
+        assert not np.array_equal(to_numpy(sparse_variable), start), arguments
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "tensorflow",
+    reason="TensorFlow hands an optimizer no element-wise sparse gradient: "
+    "its sparse gradient, tf.IndexedSlices, always names whole rows",
+)
+@pytest.mark.parametrize("mode", sparse_modes())
+@pytest.mark.parametrize("spec", SPECS)
+def test_elementwise_sparse_gradients_equal_dense(spec, mode):
+    """A sparse gradient over every axis (a BCOO with `n_sparse` = rank, a
+    torch sparse COO tensor with `sparse_dim` = rank) names no whole rows:
+    every optimizer, with every choice, applies the dense gradient."""
+    shape = (6, 4)
+    for arguments in sparse_argument_sets(spec):
+        rng = np.random.default_rng(12)
+        start = rng.standard_normal(shape).astype("float32")
+        variables, optimizers = [], []
+        for _ in range(2):
+            variables.append(keras.Variable(start))
+            optimizers.append(spec.cls(learning_rate=0.05, **arguments))
+            optimizers[-1].build([variables[-1]])
+        steps = [
+            make_stepper(optimizer, [variable], mode)
+            for optimizer, variable in zip(optimizers, variables)
+        ]
+        for step in range(3):
+            dense = random_gradient(rng, shape, zero_fraction=0.5)
+            steps[0]([native_elementwise_gradient(dense)])
+            steps[1]([dense])
+            assert_same_results(
+                variables[0],
+                optimizers[0],
+                to_numpy(variables[1]),
+                slot_values(optimizers[1], variables[1]),
+                f"{arguments}, step {step}",
+            )
+        assert not np.array_equal(to_numpy(variables[0]), start), arguments
 
 
 # ---------------------------------------------------------------------------

@@ -1,12 +1,17 @@
-"""Row-sliced (tf.IndexedSlices) gradients, for every optimizer with a row
-path in `registry.REGISTRY` (`sparse_reference_step`): Soma and GradSign
-with `lazy_sparse_updates=True`, SM3 always.
+"""Row-sliced gradients, for every optimizer with a row path in
+`registry.REGISTRY` (`sparse_reference_step`): Soma and GradSign with
+`lazy_sparse_updates=True`, SM3 always.
 
-The row path is checked against its numpy reference in
+Each backend's sparse form that names whole rows (`helpers.
+native_row_gradient`): tf.IndexedSlices on TensorFlow, a BCOO with one
+sparse dimension on JAX, a torch sparse COO tensor with one sparse
+dimension on torch. The row path is checked against its numpy reference in
 `keras_soma._reference`; rows a gradient does not name, and their state,
-must come out bit-identical. For the optimizers where the row path is a
-choice, the default still applies the dense gradient the slices stand
-for. TensorFlow only: on JAX gradients are always dense.
+must come out bit-identical. That the default of the optimizers where the
+row path is a choice applies the dense gradient, and that other sparse
+forms are made dense, is part of the contract suite
+(`test_contract.py`). The graph and `Embedding` tests are TensorFlow's:
+only there does Keras itself hand the optimizer a sparse gradient.
 """
 
 from __future__ import annotations
@@ -14,8 +19,14 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import requires_tensorflow
-from helpers import TOLERANCE, to_numpy
+from conftest import requires_jax, requires_tensorflow
+from helpers import (
+    TOLERANCE,
+    make_row_stepper,
+    native_row_gradient,
+    sparse_modes,
+    to_numpy,
+)
 from registry import REGISTRY
 
 SPARSE_SPECS = [
@@ -55,18 +66,6 @@ def slot_values(optimizer, variable):
     }
 
 
-def row_stepper(optimizer, variable, mode):
-    """`step(values, indices)`: one update with a tf.IndexedSlices gradient."""
-    import tensorflow as tf
-
-    dense_shape = tf.constant(tuple(variable.shape), "int64")
-
-    def apply(values, indices):
-        optimizer.apply([tf.IndexedSlices(values, indices, dense_shape)], [variable])
-
-    return apply if mode == "eager" else tf.function(apply)
-
-
 def random_rows(rng, shape, count=7):
     """Row indices below ROWS_DRAWN with a repeat, and their gradients."""
     indices = rng.choice(np.arange(ROWS_DRAWN), size=count)
@@ -98,8 +97,7 @@ def assert_close(actual, expected, message):
 # ---------------------------------------------------------------------------
 
 
-@requires_tensorflow
-@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("mode", sparse_modes())
 @pytest.mark.parametrize("shape", [(ROWS,), (ROWS, 6)], ids=["rank1", "rank2"])
 @pytest.mark.parametrize("spec, case", spec_cases())
 def test_row_path_matches_reference_and_leaves_other_rows_bit_identical(
@@ -116,10 +114,10 @@ def test_row_path_matches_reference_and_leaves_other_rows_bit_identical(
     expected_variable = before_variable.copy()
     expected_state = {name: value.copy() for name, value in before_state.items()}
     reference_arguments = {k: v for k, v in case.items() if k != "weight_decay"}
-    step = row_stepper(optimizer, variable, mode)
+    step = make_row_stepper(optimizer, variable, mode)
     for _ in range(3):
         indices, values = random_rows(rng, shape)
-        step(values, indices)
+        step(indices, values)
         expected_variable, expected_state = spec.sparse_reference_step(
             expected_variable,
             indices,
@@ -177,11 +175,45 @@ def test_row_path_reads_and_writes_no_full_size_tensor(spec):
     assert "ResourceScatterUpdate" in operation_types
 
 
-@requires_tensorflow
+@requires_jax
 @pytest.mark.parametrize("spec", SPARSE_SPECS)
-def test_row_path_skips_nonfinite_steps(spec):
-    import tensorflow as tf
+def test_jax_compiled_row_path_allocates_nothing_table_sized(spec):
+    """On JAX the row path writes the whole value (`.at[rows].set`); compiled
+    with the variables donated, XLA does it in place: the step's
+    temporaries are those of the rows, not of the table (the dense path
+    needs a table-sized one, the densified gradient)."""
+    import jax
+    import jax.numpy as jnp
 
+    rows, width, touched = 20_000, 16, 64
+    table_bytes = rows * width * 4
+    variable = keras.Variable(np.zeros((rows, width), "float32"))
+    optimizer = spec.cls(learning_rate=0.1, **spec.sparse_arguments)
+    optimizer.build([variable])
+
+    def step(variable_values, optimizer_values, indices, values):
+        gradient = native_row_gradient(indices, values, (rows, width))
+        return optimizer.stateless_apply(optimizer_values, [gradient], variable_values)
+
+    analysis = (
+        jax.jit(step, donate_argnums=(0, 1))
+        .lower(
+            [variable.value],
+            [value.value for value in optimizer.variables],
+            jnp.zeros((touched,), "int32"),
+            jnp.zeros((touched, width), "float32"),
+        )
+        .compile()
+        .memory_analysis()
+    )
+    assert analysis.temp_size_in_bytes < table_bytes // 10, analysis
+    # Every variable and state tensor is updated in place.
+    assert analysis.output_size_in_bytes - analysis.alias_size_in_bytes < 1024
+
+
+@pytest.mark.parametrize("mode", sparse_modes())
+@pytest.mark.parametrize("spec", SPARSE_SPECS)
+def test_row_path_skips_nonfinite_steps(spec, mode):
     variable = keras.Variable(np.ones((10, 3), "float32"))
     optimizer = spec.cls(
         learning_rate=0.1, skip_nonfinite=True, **spec.sparse_arguments
@@ -189,9 +221,7 @@ def test_row_path_skips_nonfinite_steps(spec):
     optimizer.build([variable])
     values = np.ones((2, 3), "float32")
     values[1, 2] = np.nan
-    optimizer.apply(
-        [tf.IndexedSlices(tf.constant(values), tf.constant([1, 4]))], [variable]
-    )
+    make_row_stepper(optimizer, variable, mode)(np.array([1, 4]), values)
     np.testing.assert_array_equal(to_numpy(variable), np.ones((10, 3)))
     assert int(to_numpy(optimizer.skipped_steps)) == 1
     for name, value in slot_values(optimizer, variable).items():
@@ -203,34 +233,6 @@ def test_row_path_skips_nonfinite_steps(spec):
 # ---------------------------------------------------------------------------
 
 
-@requires_tensorflow
-@pytest.mark.parametrize("spec", LAZY_CHOICE_SPECS)
-def test_default_applies_the_dense_gradient_the_slices_stand_for(spec):
-    rng = np.random.default_rng(5)
-    shape = (ROWS, 3)
-    learning_rate = 0.05
-    variable = keras.Variable(rng.standard_normal(shape).astype("float32"))
-    optimizer = spec.cls(learning_rate=learning_rate)
-    assert optimizer.get_config()["lazy_sparse_updates"] is False
-    optimizer.build([variable])
-    warm_start(optimizer, variable, rng)
-    expected_variable = to_numpy(variable).copy()
-    expected_state = slot_values(optimizer, variable)
-    step = row_stepper(optimizer, variable, "eager")
-    for _ in range(2):
-        indices, values = random_rows(rng, shape)
-        step(values, indices)
-        dense = np.zeros(shape, "float32")
-        np.add.at(dense, indices, values)
-        expected_variable, expected_state = spec.reference_step(
-            expected_variable, dense, expected_state, learning_rate
-        )
-        assert_close(to_numpy(variable), expected_variable, "variable")
-        for name, value in expected_state.items():
-            assert_close(slot_values(optimizer, variable)[name], value, name)
-
-
-@requires_tensorflow
 @pytest.mark.parametrize("spec", LAZY_CHOICE_SPECS)
 def test_a_row_without_gradient_moves_only_in_dense_mode(spec):
     """Rows touched once and then not again: the dense default keeps
@@ -242,10 +244,10 @@ def test_a_row_without_gradient_moves_only_in_dense_mode(spec):
     for lazy in (False, True):
         variable = keras.Variable(np.zeros((6, 2), "float32"))
         optimizer = spec.cls(learning_rate=0.1, lazy_sparse_updates=lazy)
-        step = row_stepper(optimizer, variable, "eager")
-        step(values, rows)
+        step = make_row_stepper(optimizer, variable, "eager")
+        step(rows, values)
         after_first = to_numpy(variable).copy()
-        step(values[:2], later_rows)
+        step(later_rows, values[:2])
         results[lazy] = (after_first, to_numpy(variable))
     for lazy, (after_first, after_second) in results.items():
         assert (after_first[rows] < 0).all(), lazy  # a positive gradient
