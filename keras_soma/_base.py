@@ -46,28 +46,15 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
     ):
         _common.check_learning_rate(learning_rate)
         if self._offers_lazy_sparse_updates:
-            if not isinstance(lazy_sparse_updates, bool):
-                raise ValueError(
-                    "Argument `lazy_sparse_updates` must be a bool (True or "
-                    "False); received: "
-                    f"lazy_sparse_updates={lazy_sparse_updates!r}"
-                )
+            _common.check_bool("lazy_sparse_updates", lazy_sparse_updates)
         elif lazy_sparse_updates is not None:
             raise ValueError(
                 f"{type(self).__name__} has no argument `lazy_sparse_updates` "
                 "(it has one way of applying row-sliced gradients); "
                 f"received: lazy_sparse_updates={lazy_sparse_updates!r}"
             )
-        if not isinstance(skip_nonfinite, bool):
-            raise ValueError(
-                "Argument `skip_nonfinite` must be a bool (True or False); "
-                f"received: skip_nonfinite={skip_nonfinite!r}"
-            )
-        if fused is not None and not isinstance(fused, bool):
-            raise ValueError(
-                "Argument `fused` must be None, True or False; "
-                f"received: fused={fused!r}"
-            )
+        _common.check_bool("skip_nonfinite", skip_nonfinite)
+        _common.check_optional_bool("fused", fused)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.skip_nonfinite = skip_nonfinite
         self.fused = fused

@@ -238,3 +238,31 @@ def state_name(variable, slot: str) -> str:
     """`{variable path}_{slot}`, the naming Keras uses for optimizer state."""
     path = getattr(variable, "path", None) or str(variable.name)
     return f"{path.replace('/', '_').replace(':', '_')}_{slot}"
+
+
+# ---------------------------------------------------------------------------
+# Argument checks: flags
+# ---------------------------------------------------------------------------
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Returns `value` if it is True or False, or raises a ValueError."""
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"Argument `{name}` must be a bool (True or False); "
+            f"received: {name}={value!r}"
+        )
+    return value
+
+
+def check_optional_bool(name: str, value: Any) -> bool | None:
+    """Returns `value` if it is None, True or False, or raises a ValueError.
+
+    For tri-state options where None means "where it helps"; 1 or 0.0 are
+    refused although they compare equal to True and False.
+    """
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(
+            f"Argument `{name}` must be None, True or False; received: {name}={value!r}"
+        )
+    return value

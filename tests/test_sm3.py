@@ -18,7 +18,7 @@ from conftest import requires_tensorflow
 from helpers import make_stepper, modes_for_backend, to_numpy
 
 import keras_soma
-from keras_soma import _reference
+from keras_soma import _reference, _sm3_blocked
 from keras_soma.memory import optimizer_state_bytes, state_bytes_per_parameter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
@@ -511,18 +511,16 @@ def tiny_blocks(monkeypatch):
     """Makes every variable of rank >= 2 with 4+ rows take the row-blocked
     path, in blocks of a few rows (with a remainder for odd row counts),
     and counts the calls of `sm3_update_blocked` (at trace time)."""
-    from keras_soma import sm3
-
-    monkeypatch.setattr(sm3, "BLOCK_ELEMENTS", 8)
-    monkeypatch.setattr(sm3, "MIN_BLOCKED_ELEMENTS", 1)
+    monkeypatch.setattr(_sm3_blocked, "BLOCK_ELEMENTS", 8)
+    monkeypatch.setattr(_sm3_blocked, "MIN_BLOCKED_ELEMENTS", 1)
     calls = []
-    original = sm3.sm3_update_blocked
+    original = _sm3_blocked.sm3_update_blocked
 
     def counted(*args, **kwargs):
         calls.append(kwargs["rows_per_block"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(sm3, "sm3_update_blocked", counted)
+    monkeypatch.setattr(_sm3_blocked, "sm3_update_blocked", counted)
     return calls
 
 
@@ -605,15 +603,15 @@ def test_blocked_and_whole_tensor_paths_agree(tiny_blocks, momentum):
 
 
 def test_block_rows_by_shape():
-    from keras_soma import sm3
-
-    assert sm3.block_rows((2048, 2048)) == sm3.BLOCK_ELEMENTS // 2048
-    assert sm3.block_rows((9216, 128)) == sm3.BLOCK_ELEMENTS // 128
-    assert sm3.block_rows((10,)) is None  # rank 1 keeps a full-size accumulator
-    assert sm3.block_rows((128, 10)) is None  # small: nothing to gain
-    assert sm3.block_rows((1, 2**20)) is None  # fewer than two blocks of rows
-    assert sm3.block_rows((3, 2**20)) == 1  # rows larger than a block
-    assert sm3.block_rows((64, 2**16)) == 1
+    block_rows = _sm3_blocked.block_rows
+    block_elements = _sm3_blocked.BLOCK_ELEMENTS
+    assert block_rows((2048, 2048)) == block_elements // 2048
+    assert block_rows((9216, 128)) == block_elements // 128
+    assert block_rows((10,)) is None  # rank 1 keeps a full-size accumulator
+    assert block_rows((128, 10)) is None  # small: nothing to gain
+    assert block_rows((1, 2**20)) is None  # fewer than two blocks of rows
+    assert block_rows((3, 2**20)) == 1  # rows larger than a block
+    assert block_rows((64, 2**16)) == 1
 
 
 def test_variant_one_and_op_by_op_updates_are_not_blocked(tiny_blocks):
@@ -627,9 +625,9 @@ def test_variant_one_and_op_by_op_updates_are_not_blocked(tiny_blocks):
         assert keras_soma.SM3()._rows_per_block(variable) is not None
 
 
-@pytest.mark.parametrize("blocked", ["yes", 1.5])
+@pytest.mark.parametrize("blocked", ["yes", 1.5, 1, 0])
 def test_blocked_argument_is_checked(blocked):
     with pytest.raises(
-        ValueError, match=r"`blocked` must be None, True or False.*Received"
+        ValueError, match=r"`blocked` must be None, True or False; received: blocked="
     ):
         keras_soma.SM3(blocked=blocked)
