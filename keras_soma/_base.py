@@ -71,6 +71,8 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:
             return
+        # Before anything is created: a refused option leaves nothing built.
+        self._check_requested_paths(in_update=False)
         super().build(var_list)
         if self.skip_nonfinite:
             self._skipped_steps = self.add_variable(
@@ -167,6 +169,8 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
     # ------------------------------------------------------------------
 
     def apply(self, grads, trainable_variables=None):
+        # Before the build and any write: a refused option changes nothing.
+        self._check_requested_paths(in_update=True)
         if not self.skip_nonfinite:
             return super().apply(grads, trainable_variables)
         if not self.built:
@@ -325,7 +329,25 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
     def _use_fused_kernel(self) -> bool:
         if self.fused is False:
             return False
-        return _fused.available()
+        reason = _fused.unavailable_reason()
+        if reason is not None and self.fused is True:
+            raise _fused.refusal(reason)
+        return reason is None
+
+    def _check_requested_paths(self, in_update: bool) -> None:
+        """Raises a ValueError where an option asks for an update path
+        that does not exist here (`fused=True` off the fused kernel's
+        ground). `None` options are never refused: they take a path where
+        it exists. Optimizers with paths of their own extend this.
+
+        Args:
+            in_update: False at build time, when it is not known yet
+                whether updates will run inside a tf.function.
+        """
+        if self.fused is True:
+            reason = _fused.unavailable_reason(in_update)
+            if reason is not None:
+                raise _fused.refusal(reason)
 
     def load_own_variables(self, store):
         """Loads saved state, refusing anything that does not fit.

@@ -148,11 +148,12 @@ BASE_KEYWORD_ARGS = """name: String. The name to use for momentum accumulator
 
 
 def insert_base_keyword_args(cls):
-    """Class decorator: fills ``{{base_optimizer_keyword_args}}`` once."""
+    """Class decorator: fills ``{{base_optimizer_keyword_args}}`` and
+    ``{{fused_arg}}`` once."""
     if cls.__doc__ is not None:
         cls.__doc__ = cls.__doc__.replace(
             "{{base_optimizer_keyword_args}}", BASE_KEYWORD_ARGS
-        )
+        ).replace("{{fused_arg}}", FUSED_ARG)
     return cls
 
 
@@ -266,3 +267,14 @@ def check_optional_bool(name: str, value: Any) -> bool | None:
             f"Argument `{name}` must be None, True or False; received: {name}={value!r}"
         )
     return value
+
+
+# The `fused` argument every keras_soma optimizer takes (see `_fused`).
+FUSED_ARG = """fused: Bool or `None`. `None` runs each variable's dense update as
+            one XLA kernel on TensorFlow inside a tf.function, outside
+            tf.distribute and with op determinism off, and op by op
+            elsewhere and on other backends. `True` raises a ValueError
+            where the kernel does not exist (at build time on other
+            backends, under tf.distribute or with op determinism; at
+            `apply` in eager mode). `False` always runs op by op. The
+            numbers are the same. Defaults to `None`."""

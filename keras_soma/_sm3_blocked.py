@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
-from keras_soma import _sm3_math
+from keras_soma import _fused, _sm3_math
 
 # About this many elements per block, so that a block of the gradient and
 # its temporaries stay in a core's cache, and only for variables of at
@@ -45,45 +45,88 @@ def block_rows(shape: Sequence[int]) -> int | None:
     return rows
 
 
-def rows_per_block(
-    shape: Sequence[int], blocked: bool | None, fused_kernel: bool
-) -> int | None:
-    """Rows per block where a dense variant II update of a variable of
-    `shape` runs block by block, else None.
+# Where the path exists, for messages refusing `blocked=True` elsewhere.
+WHERE = (
+    "variant 'II', on TensorFlow where the fused kernel runs (`fused` None "
+    "or True, inside a tf.function, outside tf.distribute, op determinism "
+    "off) and on JAX without a Keras distribution"
+)
 
-    That path is taken on CPU where XLA compiles the update: the fused
-    kernel on TensorFlow (`fused_kernel`: whether it is in use), and JAX
-    without a Keras distribution (a loop over blocks of a sharded variable
-    would need the sharding's cooperation). On GPU and TPU, where XLA
-    fuses reductions itself and a loop of small kernels would be slow, it
-    is taken only with `blocked=True`; `blocked=False` never takes it.
+
+def unavailable_reason(
+    variant: str, fused: bool | None, in_update: bool = True
+) -> str | None:
+    """Why the row-blocked path cannot run in the current context, or None.
+
+    Args:
+        variant: The optimizer's variant.
+        fused: The optimizer's `fused` argument.
+        in_update: As for `_fused.unavailable_reason`: False at build time.
+    """
+    if variant != "II":
+        return f"variant={variant!r}"
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        if fused is False:
+            return "fused=False runs the update op by op"
+        reason = _fused.unavailable_reason(in_update)
+        return None if reason is None else f"{reason} (no fused kernel)"
+    if backend == "jax":
+        if keras.distribution.distribution() is not None:
+            return "a Keras distribution is set"
+        return None
+    return f"the backend is {backend!r}"
+
+
+def refusal(reason: str) -> ValueError:
+    """The error for `blocked=True` where the path does not exist."""
+    return ValueError(
+        "Argument `blocked` can be True only where the row-blocked update "
+        f"exists: {WHERE}. Here {reason}; received: blocked=True. Pass "
+        "`blocked=None` to use it where it helps (on CPU) and the "
+        "whole-tensor update elsewhere."
+    )
+
+
+def rows_per_block(
+    shape: Sequence[int], variant: str, blocked: bool | None, fused: bool | None
+) -> int | None:
+    """Rows per block where a dense update of a variable of `shape` runs
+    block by block, else None.
+
+    The path exists where XLA compiles the update (`WHERE`; a loop over
+    blocks of a variable sharded by a Keras distribution would need the
+    sharding's cooperation). `blocked=None` takes it there on CPU only:
+    on GPU and TPU XLA fuses reductions itself and a loop of small kernels
+    would be slow. `blocked=True` takes it there on any device and raises
+    a ValueError where it does not exist; `blocked=False` never takes it.
+    Variables of rank < 2 or of fewer than `MIN_BLOCKED_ELEMENTS` elements
+    always take the whole-tensor update.
     """
     if blocked is False:
         return None
-    rows = block_rows(tuple(shape))
-    if rows is None:
+    reason = unavailable_reason(variant, fused)
+    if reason is not None:
+        if blocked:
+            raise refusal(reason)
         return None
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        if not fused_kernel:
-            return None
+    rows = block_rows(tuple(shape))
+    if rows is None or blocked:
+        return rows
+    return None if _on_accelerator() else rows
+
+
+def _on_accelerator() -> bool:
+    if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        accelerator = bool(
+        return bool(
             tf.config.list_logical_devices("GPU")
             or tf.config.list_logical_devices("TPU")
         )
-    elif backend == "jax":
-        import jax
+    import jax
 
-        if keras.distribution.distribution() is not None:
-            return None
-        accelerator = jax.default_backend() != "cpu"
-    else:
-        return None
-    if accelerator and blocked is not True:
-        return None
-    return rows
+    return jax.default_backend() != "cpu"
 
 
 def sm3_update_blocked(

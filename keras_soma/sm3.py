@@ -123,15 +123,15 @@ class SM3(KerasSomaOptimizer):
         skip_nonfinite: Bool. If `True`, a step with a NaN or Inf gradient
             changes nothing and is counted in `optimizer.skipped_steps`.
             Defaults to `False`.
-        fused: Bool or `None`. `None` runs each variable's dense update as
-            one XLA kernel on TensorFlow where that is safe, `False` always
-            runs it op by op. The numbers are the same. Defaults to `None`.
+        {{fused_arg}}
         blocked: Bool or `None`. Runs variant II's dense update of variables
-            of rank >= 2 and at least 2**18 elements block of rows by block
-            of rows where XLA compiles it (the fused kernel on TensorFlow;
-            JAX without a Keras distribution): same numbers, temporaries of
-            a block. `None` does so on CPU, `True` on any device, `False`
-            never. Defaults to `None`.
+            of rank >= 2 and 2**18+ elements block of rows by block of rows:
+            same numbers, temporaries of a block. The path exists where XLA
+            compiles the update (the fused kernel on TensorFlow; JAX without
+            a Keras distribution). `None` takes it there on CPU, `True` on
+            any device and raises a ValueError where it does not exist
+            (variant "I", other backends, `fused=False`), `False` never.
+            Defaults to `None`.
         {{base_optimizer_keyword_args}}
 
     References:
@@ -163,6 +163,8 @@ class SM3(KerasSomaOptimizer):
             "epsilon", epsilon, 0.0, math.inf, high_inclusive=False
         )
         blocked = _common.check_optional_bool("blocked", blocked)
+        if blocked and variant != "II":
+            raise _sm3_blocked.refusal(f"variant={variant!r}")
         super().__init__(
             learning_rate=learning_rate,
             name=name,
@@ -265,11 +267,18 @@ class SM3(KerasSomaOptimizer):
     def _rows_per_block(self, variable) -> int | None:
         """Rows per block where the dense update of `variable` runs block
         by block (`_sm3_blocked.sm3_update_blocked`), else None."""
-        if self.variant != "II":
-            return None
         return _sm3_blocked.rows_per_block(
-            tuple(variable.shape), self.blocked, self._use_fused_kernel()
+            tuple(variable.shape), self.variant, self.blocked, self.fused
         )
+
+    def _check_requested_paths(self, in_update: bool) -> None:
+        super()._check_requested_paths(in_update)
+        if self.blocked:
+            reason = _sm3_blocked.unavailable_reason(
+                self.variant, self.fused, in_update
+            )
+            if reason is not None:
+                raise _sm3_blocked.refusal(reason)
 
     def get_config(self):
         config = super().get_config()
