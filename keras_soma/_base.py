@@ -47,28 +47,15 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
     ):
         _common.check_learning_rate(learning_rate)
         if self._offers_lazy_sparse_updates:
-            if not isinstance(lazy_sparse_updates, bool):
-                raise ValueError(
-                    "Argument `lazy_sparse_updates` must be a bool (True or "
-                    "False); received: "
-                    f"lazy_sparse_updates={lazy_sparse_updates!r}"
-                )
+            _common.check_bool("lazy_sparse_updates", lazy_sparse_updates)
         elif lazy_sparse_updates is not None:
             raise ValueError(
                 f"{type(self).__name__} has no argument `lazy_sparse_updates` "
                 "(it has one way of applying row-sliced gradients); "
                 f"received: lazy_sparse_updates={lazy_sparse_updates!r}"
             )
-        if not isinstance(skip_nonfinite, bool):
-            raise ValueError(
-                "Argument `skip_nonfinite` must be a bool (True or False); "
-                f"received: skip_nonfinite={skip_nonfinite!r}"
-            )
-        if fused is not None and not isinstance(fused, bool):
-            raise ValueError(
-                "Argument `fused` must be None, True or False; "
-                f"received: fused={fused!r}"
-            )
+        _common.check_bool("skip_nonfinite", skip_nonfinite)
+        _common.check_optional_bool("fused", fused)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.skip_nonfinite = skip_nonfinite
         self.fused = fused
@@ -85,6 +72,8 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:
             return
+        # Before anything is created: a refused option leaves nothing built.
+        self._check_requested_paths(in_update=False)
         super().build(var_list)
         if self.skip_nonfinite:
             self._skipped_steps = self.add_variable(
@@ -181,6 +170,8 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
     # ------------------------------------------------------------------
 
     def apply(self, grads, trainable_variables=None):
+        # Before the build and any write: a refused option changes nothing.
+        self._check_requested_paths(in_update=True)
         if not self.skip_nonfinite:
             return super().apply(grads, trainable_variables)
         if not self.built:
@@ -344,7 +335,25 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
     def _use_fused_kernel(self) -> bool:
         if self.fused is False:
             return False
-        return _fused.available()
+        reason = _fused.unavailable_reason()
+        if reason is not None and self.fused is True:
+            raise _fused.refusal(reason)
+        return reason is None
+
+    def _check_requested_paths(self, in_update: bool) -> None:
+        """Raises a ValueError where an option asks for an update path
+        that does not exist here (`fused=True` off the fused kernel's
+        ground). `None` options are never refused: they take a path where
+        it exists. Optimizers with paths of their own extend this.
+
+        Args:
+            in_update: False at build time, when it is not known yet
+                whether updates will run inside a tf.function.
+        """
+        if self.fused is True:
+            reason = _fused.unavailable_reason(in_update)
+            if reason is not None:
+                raise _fused.refusal(reason)
 
     def load_own_variables(self, store):
         """Loads saved state, refusing anything that does not fit.

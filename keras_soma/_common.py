@@ -165,11 +165,12 @@ BASE_KEYWORD_ARGS = """name: String. The name to use for momentum accumulator
 
 
 def insert_base_keyword_args(cls):
-    """Class decorator: fills ``{{base_optimizer_keyword_args}}`` once."""
+    """Class decorator: fills ``{{base_optimizer_keyword_args}}`` and
+    ``{{fused_arg}}`` once."""
     if cls.__doc__ is not None:
         cls.__doc__ = cls.__doc__.replace(
             "{{base_optimizer_keyword_args}}", BASE_KEYWORD_ARGS
-        )
+        ).replace("{{fused_arg}}", FUSED_ARG)
     return cls
 
 
@@ -255,3 +256,42 @@ def state_name(variable, slot: str) -> str:
     """`{variable path}_{slot}`, the naming Keras uses for optimizer state."""
     path = getattr(variable, "path", None) or str(variable.name)
     return f"{path.replace('/', '_').replace(':', '_')}_{slot}"
+
+
+# ---------------------------------------------------------------------------
+# Argument checks: flags
+# ---------------------------------------------------------------------------
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Returns `value` if it is True or False, or raises a ValueError."""
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"Argument `{name}` must be a bool (True or False); "
+            f"received: {name}={value!r}"
+        )
+    return value
+
+
+def check_optional_bool(name: str, value: Any) -> bool | None:
+    """Returns `value` if it is None, True or False, or raises a ValueError.
+
+    For tri-state options where None means "where it helps"; 1 or 0.0 are
+    refused although they compare equal to True and False.
+    """
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(
+            f"Argument `{name}` must be None, True or False; received: {name}={value!r}"
+        )
+    return value
+
+
+# The `fused` argument every keras_soma optimizer takes (see `_fused`).
+FUSED_ARG = """fused: Bool or `None`. `None` runs each variable's dense update as
+            one XLA kernel on TensorFlow inside a tf.function, outside
+            tf.distribute and with op determinism off, and op by op
+            elsewhere and on other backends. `True` raises a ValueError
+            where the kernel does not exist (at build time on other
+            backends, under tf.distribute or with op determinism; at
+            `apply` in eager mode). `False` always runs op by op. The
+            numbers are the same. Defaults to `None`."""

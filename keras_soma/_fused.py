@@ -9,30 +9,61 @@ variable and state) are traced into one `tf.function(jit_compile=True)`
 nested in Keras's train function, which XLA compiles into one loop per
 variable and one launch per step.
 
-Used only where it is known to help and to be safe: the TensorFlow
-backend, inside a traced function (in eager mode a new kernel per call
-would be traced every step), outside tf.distribute (distributed variables
-are updated per device by the strategy) and with op determinism off (then
-Keras keeps XLA off on purpose). Everywhere else, and on JAX where the
-whole train step is already compiled by XLA, the same math runs op by op.
+The kernel exists only where it is known to help and to be safe (`WHERE`):
+the TensorFlow backend, inside a traced function (in eager mode a new
+kernel per call would be traced every step), outside tf.distribute
+(distributed variables are updated per device by the strategy) and with op
+determinism off (then Keras keeps XLA off on purpose). With `fused=None`
+the same math runs op by op everywhere else, and on JAX, where the whole
+train step is already compiled by XLA; `fused=True` there is refused with
+`refusal` (at build time for what is known then, at `apply` for eager
+mode).
 """
 
 from __future__ import annotations
 
 import keras
 
+WHERE = (
+    "on the TensorFlow backend, inside a tf.function (as in `fit` without "
+    "`run_eagerly=True`), outside tf.distribute and with op determinism off"
+)
 
-def available() -> bool:
-    """Whether `update` can be used in the current context."""
-    if keras.backend.backend() != "tensorflow":
-        return False
+
+def unavailable_reason(in_update: bool = True) -> str | None:
+    """Why the kernel cannot be used in the current context, or None.
+
+    Args:
+        in_update: Whether an update is being run or traced now. Without
+            one (at build time) whether it will run inside a tf.function
+            is not known yet, and that condition is not checked.
+    """
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        return f"the backend is {backend!r}"
     import tensorflow as tf
 
-    if not tf.inside_function():
-        return False
     if tf.distribute.has_strategy():
-        return False
-    return not _op_determinism_enabled()
+        return "a tf.distribute strategy is in use"
+    if _op_determinism_enabled():
+        return "op determinism is enabled"
+    if in_update and not tf.inside_function():
+        return "the update runs eagerly, outside any tf.function"
+    return None
+
+
+def available() -> bool:
+    """Whether `update_many` can be used in the current context."""
+    return unavailable_reason() is None
+
+
+def refusal(reason: str) -> ValueError:
+    """The error for `fused=True` where the kernel does not exist."""
+    return ValueError(
+        f"Argument `fused` can be True only where the fused XLA kernel exists: "
+        f"{WHERE}. Here {reason}; received: fused=True. Pass `fused=None` "
+        "to use the kernel where it exists and run op by op elsewhere."
+    )
 
 
 def _op_determinism_enabled() -> bool:

@@ -75,9 +75,7 @@ class GradSign(KerasSomaOptimizer):
             holds NaN or Inf leaves the variables and the state untouched,
             and is counted in `optimizer.skipped_steps`. Defaults to
             `False`.
-        fused: Bool or `None`. `None` runs each variable's update as one
-            XLA kernel on TensorFlow where that is safe, `False` always
-            runs it op by op. Defaults to `None`.
+        {{fused_arg}}
         lazy_sparse_updates: Bool. How a sparse gradient that names
             whole rows is applied: the `tf.IndexedSlices` an `Embedding`
             layer gets on TensorFlow, or a JAX `BCOO` or torch sparse COO

@@ -68,10 +68,7 @@ class Soma(KerasSomaOptimizer):
             gradient makes the average, and from then on the parameter,
             NaN; an Inf gradient sets the average to +-Inf, so the parameter
             moves in that direction from then on. Defaults to `False`.
-        fused: Bool or `None`. `None` runs each variable's update as one
-            XLA kernel on TensorFlow where that is safe (see the
-            performance page), `False` always runs it op by op. The numbers
-            are the same. Defaults to `None`.
+        {{fused_arg}}
         lazy_sparse_updates: Bool. How a sparse gradient that names
             whole rows is applied: the `tf.IndexedSlices` an `Embedding`
             layer gets on TensorFlow, or a JAX `BCOO` or torch sparse COO

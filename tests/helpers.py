@@ -3,10 +3,12 @@ backend, random gradients, and comparisons with the numpy reference."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import keras
 import numpy as np
+import pytest
 
 from keras_soma._reference import numpy_dtype
 
@@ -220,3 +222,34 @@ def assert_state_close(
             atol=tolerance,
             err_msg=f"slot {name!r} {context}",
         )
+
+
+def assert_refused_changing_nothing(action, match, optimizer, variables):
+    """Runs `action`, which must raise a ValueError matching `match`, and
+    checks that it changed nothing: whether `optimizer` is built, how many
+    variables it holds, their values and the values of `variables`."""
+    built = optimizer.built
+    count = len(optimizer.variables)
+    before = [to_numpy(value) for value in [*variables, *optimizer.variables]]
+    with pytest.raises(ValueError, match=match):
+        action()
+    assert optimizer.built == built
+    assert len(optimizer.variables) == count
+    after = [to_numpy(value) for value in [*variables, *optimizer.variables]]
+    for old, new in zip(before, after):
+        np.testing.assert_array_equal(new, old)
+
+
+@contextlib.contextmanager
+def op_determinism():
+    """TensorFlow's op determinism, enabled for the block only."""
+    import tensorflow as tf
+
+    # TensorFlow exports only the setter; its own tests turn it off so.
+    from tensorflow.python.framework import config
+
+    tf.config.experimental.enable_op_determinism()
+    try:
+        yield
+    finally:
+        config.disable_op_determinism()

@@ -176,6 +176,7 @@ register(
             ({"beta_2": float("nan")}, "beta_2"),
             ({"epsilon": -1e-8}, "epsilon"),
             ({"epsilon": float("inf")}, "epsilon"),
+            ({"blocked": 1}, "blocked"),
         ],
         config_case={
             "learning_rate": 0.05,

@@ -12,11 +12,14 @@ import os
 import keras
 import numpy as np
 import pytest
+from conftest import requires_tensorflow
 from helpers import (
     TOLERANCE,
+    assert_refused_changing_nothing,
     make_row_stepper,
     make_stepper,
     native_elementwise_gradient,
+    op_determinism,
     random_gradient,
     sparse_modes,
     to_numpy,
@@ -502,6 +505,19 @@ def test_keras_adam_is_the_eight_byte_yardstick():
     ) == 0.5 * measured_bytes_per_parameter(keras.optimizers.Adam())
 
 
+def stateless_step(optimizer):
+    """`step(variable_values, optimizer_values, gradient_values)`, the
+    arguments in the order of the results, so that each donated buffer
+    can hold the result of the same variable."""
+
+    def step(variable_values, optimizer_values, gradient_values):
+        return optimizer.stateless_apply(
+            optimizer_values, gradient_values, variable_values
+        )
+
+    return step
+
+
 @pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="XLA's memory analysis, read through JAX"
 )
@@ -520,16 +536,8 @@ def test_compiled_step_needs_at_most_one_variable_sized_temporary(spec):
         optimizer = spec.cls(**kwargs)
         optimizer.build(variables)
 
-        # Arguments in the order of the results, so that each donated
-        # buffer can hold the result of the same variable. The step is
-        # compiled within this iteration, so it binds this optimizer.
-        def step(variable_values, optimizer_values, gradient_values):
-            return optimizer.stateless_apply(  # noqa: B023
-                optimizer_values, gradient_values, variable_values
-            )
-
         compiled = (
-            jax.jit(step, donate_argnums=(0, 1))
+            jax.jit(stateless_step(optimizer), donate_argnums=(0, 1))
             .lower(
                 [v.value for v in variables],
                 [v.value for v in optimizer.variables],
@@ -548,3 +556,115 @@ def test_compiled_step_needs_at_most_one_variable_sized_temporary(spec):
         assert analysis.output_size_in_bytes - analysis.alias_size_in_bytes < 1024, (
             kwargs
         )
+
+
+# ---------------------------------------------------------------------------
+# fused=True: the fused kernel, or a ValueError saying where it exists
+# ---------------------------------------------------------------------------
+
+
+def fused_refusal(reason):
+    """The start of the message refusing `fused=True`, with its reason."""
+    return (
+        r"`fused` can be True only where the fused XLA kernel exists: on the "
+        rf"TensorFlow backend, inside a tf.function.*Here {reason}; "
+        r"received: fused=True"
+    )
+
+
+def refused_build_leaves_nothing(spec, reason, **kwargs):
+    """`build` with `fused=True` (and `kwargs`) raises naming `reason` and
+    builds nothing, and so does `apply` (which builds first); with
+    `fused=None` the same optimizer then builds as usual."""
+    variable = keras.Variable(np.ones((4, 3), "float32"))
+    optimizer = spec.cls(fused=True, **kwargs)
+    assert_refused_changing_nothing(
+        lambda: optimizer.build([variable]),
+        fused_refusal(reason),
+        optimizer,
+        [variable],
+    )
+    assert_refused_changing_nothing(
+        lambda: optimizer.apply([keras.ops.ones((4, 3))], [variable]),
+        fused_refusal(reason),
+        optimizer,
+        [variable],
+    )
+    optimizer.fused = None
+    optimizer.build([variable])
+    assert optimizer.get_slots(variable)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "tensorflow", reason="backends without the kernel"
+)
+@pytest.mark.parametrize("spec", SPECS)
+def test_fused_true_is_refused_at_build_off_tensorflow(spec):
+    refused_build_leaves_nothing(spec, f"the backend is {keras.backend.backend()!r}")
+
+
+@requires_tensorflow
+@pytest.mark.parametrize("spec", SPECS)
+def test_fused_true_is_refused_at_build_with_op_determinism(spec):
+    with op_determinism():
+        refused_build_leaves_nothing(spec, "op determinism is enabled")
+
+
+@requires_tensorflow
+@pytest.mark.parametrize("spec", SPECS)
+def test_fused_true_is_refused_at_build_under_tf_distribute(spec):
+    import tensorflow as tf
+
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        refused_build_leaves_nothing(spec, "a tf.distribute strategy is in use")
+
+
+@requires_tensorflow
+@pytest.mark.parametrize("spec", SPECS)
+def test_fused_true_is_refused_at_apply_in_eager_mode(spec):
+    """Built (the context of later updates is not known at build time),
+    then refused by an eager `apply`, which changes no variable."""
+    variable = keras.Variable(np.ones((4, 3), "float32"))
+    optimizer = spec.cls(fused=True)
+    optimizer.build([variable])
+    assert_refused_changing_nothing(
+        lambda: optimizer.apply([keras.ops.ones((4, 3))], [variable]),
+        fused_refusal("the update runs eagerly, outside any tf.function"),
+        optimizer,
+        [variable],
+    )
+    assert int(to_numpy(optimizer.iterations)) == 0
+
+
+@requires_tensorflow
+@pytest.mark.parametrize("spec", SPECS)
+def test_fused_true_runs_the_kernel_inside_a_tf_function(spec, monkeypatch):
+    """Where the kernel exists, `fused=True` uses it, as `None` does: the
+    same numbers."""
+    from keras_soma import _fused
+
+    kernels = []
+    original = _fused.update_many
+
+    def counted(batch):
+        kernels.append(len(batch))
+        original(batch)
+
+    monkeypatch.setattr(_fused, "update_many", counted)
+    rng = np.random.default_rng(0)
+    initial = rng.standard_normal((4, 3)).astype("float32")
+    gradients = [random_gradient(rng, (4, 3)) for _ in range(3)]
+    results = {}
+    for fused in (True, None):
+        variable = keras.Variable(initial)
+        optimizer = spec.cls(learning_rate=0.01, fused=fused)
+        optimizer.build([variable])
+        step = make_stepper(optimizer, [variable], "compiled")
+        for gradient in gradients:
+            step([gradient])
+        results[fused] = [to_numpy(variable)] + [
+            to_numpy(value) for value in optimizer.variables
+        ]
+    assert kernels == [1, 1]  # one kernel per trace, of the one variable
+    for with_true, with_none in zip(results[True], results[None]):
+        np.testing.assert_array_equal(with_true, with_none)

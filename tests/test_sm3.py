@@ -9,16 +9,23 @@ against `_reference.sm3_sparse_step`.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import keras
 import numpy as np
 import pytest
-from conftest import requires_tensorflow
-from helpers import make_stepper, modes_for_backend, to_numpy
+from conftest import requires_jax, requires_tensorflow
+from helpers import (
+    assert_refused_changing_nothing,
+    make_stepper,
+    modes_for_backend,
+    op_determinism,
+    to_numpy,
+)
 
 import keras_soma
-from keras_soma import _reference
+from keras_soma import _reference, _sm3_blocked
 from keras_soma.memory import optimizer_state_bytes, state_bytes_per_parameter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
@@ -511,18 +518,16 @@ def tiny_blocks(monkeypatch):
     """Makes every variable of rank >= 2 with 4+ rows take the row-blocked
     path, in blocks of a few rows (with a remainder for odd row counts),
     and counts the calls of `sm3_update_blocked` (at trace time)."""
-    from keras_soma import sm3
-
-    monkeypatch.setattr(sm3, "BLOCK_ELEMENTS", 8)
-    monkeypatch.setattr(sm3, "MIN_BLOCKED_ELEMENTS", 1)
+    monkeypatch.setattr(_sm3_blocked, "BLOCK_ELEMENTS", 8)
+    monkeypatch.setattr(_sm3_blocked, "MIN_BLOCKED_ELEMENTS", 1)
     calls = []
-    original = sm3.sm3_update_blocked
+    original = _sm3_blocked.sm3_update_blocked
 
     def counted(*args, **kwargs):
         calls.append(kwargs["rows_per_block"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(sm3, "sm3_update_blocked", counted)
+    monkeypatch.setattr(_sm3_blocked, "sm3_update_blocked", counted)
     return calls
 
 
@@ -583,7 +588,7 @@ def test_blocked_and_whole_tensor_paths_agree(tiny_blocks, momentum):
     initial = rng.standard_normal((11, 6)).astype("float32")
     gradients = [rng.standard_normal((11, 6)).astype("float32") for _ in range(5)]
     results = {}
-    for blocked in (None, False):
+    for blocked in (None, True, False):
         variable = keras.Variable(initial)
         optimizer = keras_soma.SM3(
             learning_rate=0.05, momentum=momentum, blocked=blocked
@@ -593,7 +598,9 @@ def test_blocked_and_whole_tensor_paths_agree(tiny_blocks, momentum):
         for gradient in gradients:
             step([gradient])
         results[blocked] = (to_numpy(variable), slot_values(optimizer, variable))
-    assert len(tiny_blocks) == 1  # traced once, by the blocked optimizer only
+    # Traced once by each blocked optimizer: None and True on CPU.
+    assert len(tiny_blocks) == 2
+    np.testing.assert_array_equal(results[True][0], results[None][0])
     np.testing.assert_allclose(
         results[None][0], results[False][0], rtol=2e-6, atol=2e-6
     )
@@ -605,31 +612,151 @@ def test_blocked_and_whole_tensor_paths_agree(tiny_blocks, momentum):
 
 
 def test_block_rows_by_shape():
-    from keras_soma import sm3
-
-    assert sm3.block_rows((2048, 2048)) == sm3.BLOCK_ELEMENTS // 2048
-    assert sm3.block_rows((9216, 128)) == sm3.BLOCK_ELEMENTS // 128
-    assert sm3.block_rows((10,)) is None  # rank 1 keeps a full-size accumulator
-    assert sm3.block_rows((128, 10)) is None  # small: nothing to gain
-    assert sm3.block_rows((1, 2**20)) is None  # fewer than two blocks of rows
-    assert sm3.block_rows((3, 2**20)) == 1  # rows larger than a block
-    assert sm3.block_rows((64, 2**16)) == 1
+    block_rows = _sm3_blocked.block_rows
+    block_elements = _sm3_blocked.BLOCK_ELEMENTS
+    assert block_rows((2048, 2048)) == block_elements // 2048
+    assert block_rows((9216, 128)) == block_elements // 128
+    assert block_rows((10,)) is None  # rank 1 keeps a full-size accumulator
+    assert block_rows((128, 10)) is None  # small: nothing to gain
+    assert block_rows((1, 2**20)) is None  # fewer than two blocks of rows
+    assert block_rows((3, 2**20)) == 1  # rows larger than a block
+    assert block_rows((64, 2**16)) == 1
 
 
 def test_variant_one_and_op_by_op_updates_are_not_blocked(tiny_blocks):
     variable = keras.Variable(np.ones((8, 4), "float32"))
     assert keras_soma.SM3(variant="I")._rows_per_block(variable) is None
     assert keras_soma.SM3(blocked=False)._rows_per_block(variable) is None
-    # Outside a compiled function on TensorFlow the update runs op by op.
-    if keras.backend.backend() == "tensorflow":
-        assert keras_soma.SM3()._rows_per_block(variable) is None
-    else:
+    # Outside a compiled function on TensorFlow the update runs op by op;
+    # JAX runs the blocked loop eagerly too; other backends have no path.
+    if keras.backend.backend() == "jax":
         assert keras_soma.SM3()._rows_per_block(variable) is not None
+    else:
+        assert keras_soma.SM3()._rows_per_block(variable) is None
 
 
-@pytest.mark.parametrize("blocked", ["yes", 1.5])
+@pytest.mark.parametrize("blocked", ["yes", 1.5, 1, 0])
 def test_blocked_argument_is_checked(blocked):
     with pytest.raises(
-        ValueError, match=r"`blocked` must be None, True or False.*Received"
+        ValueError, match=r"`blocked` must be None, True or False; received: blocked="
     ):
         keras_soma.SM3(blocked=blocked)
+
+
+# ---------------------------------------------------------------------------
+# blocked=True: the row-blocked path, or a ValueError saying where it exists
+# ---------------------------------------------------------------------------
+
+
+def blocked_refusal(reason):
+    """The message refusing `blocked=True`: where the path exists, then
+    `reason`."""
+    return (
+        r"`blocked` can be True only where the row-blocked update exists: "
+        r"variant 'II', on TensorFlow where the fused kernel runs .* and on "
+        rf"JAX without a Keras distribution\. Here {re.escape(reason)}; "
+        r"received: blocked=True"
+    )
+
+
+def refused_build_leaves_nothing(reason, **kwargs):
+    """`build` with `blocked=True` (and `kwargs`) raises naming `reason`
+    and builds nothing, and so does `apply` (which builds first); with
+    `blocked=None` the same optimizer then builds as usual."""
+    variable = keras.Variable(np.ones((8, 4), "float32"))
+    optimizer = keras_soma.SM3(blocked=True, **kwargs)
+    assert_refused_changing_nothing(
+        lambda: optimizer.build([variable]),
+        blocked_refusal(reason),
+        optimizer,
+        [variable],
+    )
+    assert_refused_changing_nothing(
+        lambda: optimizer.apply([keras.ops.ones((8, 4))], [variable]),
+        blocked_refusal(reason),
+        optimizer,
+        [variable],
+    )
+    optimizer.blocked = None
+    optimizer.build([variable])
+    assert sorted(optimizer.get_slots(variable)) == [
+        "accumulator_0",
+        "accumulator_1",
+        "momentum",
+    ]
+
+
+def test_blocked_true_is_refused_for_variant_one():
+    with pytest.raises(ValueError, match=blocked_refusal("variant='I'")):
+        keras_soma.SM3(variant="I", blocked=True)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() in ("tensorflow", "jax"),
+    reason="backends without the row-blocked path",
+)
+def test_blocked_true_is_refused_at_build_on_other_backends():
+    refused_build_leaves_nothing(f"the backend is {keras.backend.backend()!r}")
+
+
+@requires_tensorflow
+def test_blocked_true_is_refused_at_build_with_fused_false():
+    refused_build_leaves_nothing("fused=False runs the update op by op", fused=False)
+
+
+@requires_tensorflow
+def test_blocked_true_is_refused_at_build_with_op_determinism():
+    with op_determinism():
+        refused_build_leaves_nothing("op determinism is enabled (no fused kernel)")
+
+
+@requires_tensorflow
+def test_blocked_true_is_refused_at_build_under_tf_distribute():
+    import tensorflow as tf
+
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        refused_build_leaves_nothing(
+            "a tf.distribute strategy is in use (no fused kernel)"
+        )
+
+
+@requires_tensorflow
+def test_blocked_true_is_refused_at_apply_in_eager_mode_on_tensorflow():
+    """Built (the context of later updates is not known at build time),
+    then refused by an eager `apply`, which changes no variable."""
+    variable = keras.Variable(np.ones((8, 4), "float32"))
+    optimizer = keras_soma.SM3(blocked=True)
+    optimizer.build([variable])
+    assert_refused_changing_nothing(
+        lambda: optimizer.apply([keras.ops.ones((8, 4))], [variable]),
+        blocked_refusal(
+            "the update runs eagerly, outside any tf.function (no fused kernel)"
+        ),
+        optimizer,
+        [variable],
+    )
+    assert int(to_numpy(optimizer.iterations)) == 0
+
+
+@requires_jax
+def test_blocked_true_is_refused_at_build_under_a_keras_distribution():
+    devices = keras.distribution.list_devices("cpu")
+    with keras.distribution.DataParallel(devices=devices).scope():
+        refused_build_leaves_nothing("a Keras distribution is set")
+
+
+@requires_jax
+def test_blocked_true_runs_eagerly_on_jax(tiny_blocks):
+    rng = np.random.default_rng(5)
+    initial = rng.standard_normal((8, 4)).astype("float32")
+    gradient = rng.standard_normal((8, 4)).astype("float32")
+    variable = keras.Variable(initial)
+    optimizer = keras_soma.SM3(learning_rate=0.1, blocked=True)
+    optimizer.apply([keras.ops.convert_to_tensor(gradient)], [variable])
+    assert tiny_blocks
+    expected, state = _reference.sm3_step(
+        initial, gradient, _reference.sm3_init(initial), 0.1, weight_decay=None
+    )
+    np.testing.assert_allclose(to_numpy(variable), expected, rtol=2e-6, atol=2e-6)
+    for name, value in slot_values(optimizer, variable).items():
+        np.testing.assert_allclose(value, state[name], rtol=2e-6, err_msg=name)
