@@ -238,3 +238,18 @@ def state_name(variable, slot: str) -> str:
     """`{variable path}_{slot}`, the naming Keras uses for optimizer state."""
     path = getattr(variable, "path", None) or str(variable.name)
     return f"{path.replace('/', '_').replace(':', '_')}_{slot}"
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Returns `value` if it is a bool, or raises a ValueError."""
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"Argument `{name}` must be a bool (True or False); "
+            f"received: {name}={value!r}"
+        )
+    return value
+
+
+def variable_path(variable) -> str:
+    """The variable's path (`layer/kernel`), or its name without one."""
+    return getattr(variable, "path", None) or str(variable.name)
