@@ -55,39 +55,21 @@ class PolyakAveraging(keras.callbacks.Callback):
         model.export("served_model")  # a SavedModel serving the averages
     ```
 
-    **What is averaged.** The trainable weights only. Non-trainable weights
-    (the moving mean and variance of BatchNormalization) stay as trained,
-    and were estimated for the raw weights: for a model with
-    BatchNormalization, re-estimate them inside `averaged()` by running
-    training batches through `model(x, training=True)` before evaluating or
-    exporting (this changes them permanently).
+    Only trainable weights are averaged (re-estimate BatchNormalization
+    statistics inside `averaged()` if needed). The callback checks once
+    before the first step of each `fit` and after every call of the train
+    function; with `steps_per_execution = n`, it sees only the weights after
+    steps `n, 2n, ...`. Memory: one copy of the trainable weights plus two
+    integer scalars.
 
-    **When.** The callback checks at the end of every call of the train
-    function (`on_train_batch_end`) and once before the first step of each
-    `fit`. A check updates the averages when at least `update_every`
-    optimizer steps have passed since the previous update (or the start).
-    With `steps_per_execution = n > 1` (TensorFlow and JAX), Keras runs `n`
-    steps per call, so the average sees only the weights after steps `n,
-    2n, 3n, ...`, `t` counts those updates, and `update_every = u` updates
-    every `ceil(u / n)` calls.
-
-    **Memory.** One extra copy of the trainable weights (in their own
-    dtypes) plus two integer scalars.
-
-    **Saving and resuming.** The averaging state lives in Keras variables
-    on a private layer mounted on the model (not one of `model.layers` or
-    `model.weights`) while the callback is attached to it (from `fit` on,
-    or after `set_model(model)`). So `model.save_weights`, `model.save`,
-    `keras.callbacks.ModelCheckpoint` and `keras.callbacks.BackupAndRestore`
-    save and load the averages with the weights and the optimizer state,
-    and a restarted run continues with the same averages. A file written
-    without averaging state leaves the callback not started. A model
-    carries the state of one `PolyakAveraging` at a time: the one attached
-    last.
-
-    **Distribution.** Under a `tf.distribute` strategy the averages are
-    mirrored like the weights and each replica updates its own copy; with
-    the Keras distribution API each average takes its weight's layout.
+    **Saving.** While the callback is attached (from `fit` on, or after
+    `set_model(model)`), its state is in the model's weight files, so
+    `model.save_weights`, `model.save`, `ModelCheckpoint` and
+    `BackupAndRestore` save and restore the averages with the weights and
+    the optimizer state. A model carries the state of one `PolyakAveraging`
+    at a time: the one attached last. Under `tf.distribute` each replica
+    updates its own mirrored copy; with the Keras distribution API each
+    average takes its weight's layout. See docs/callbacks.md for details.
 
     Args:
         decay: Float in (0, 1), the decay `d` of the exponential average,
