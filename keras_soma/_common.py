@@ -254,7 +254,7 @@ def axis_layout(layout: Any, axis: int) -> Any:
 
 def state_name(variable, slot: str) -> str:
     """`{variable path}_{slot}`, the naming Keras uses for optimizer state."""
-    path = getattr(variable, "path", None) or str(variable.name)
+    path = variable_path(variable)
     return f"{path.replace('/', '_').replace(':', '_')}_{slot}"
 
 
@@ -295,3 +295,8 @@ FUSED_ARG = """fused: Bool or `None`. `None` runs each variable's dense update a
             backends, under tf.distribute or with op determinism; at
             `apply` in eager mode). `False` always runs op by op. The
             numbers are the same. Defaults to `None`."""
+
+
+def variable_path(variable) -> str:
+    """The variable's path (`layer/kernel`), or its name without one."""
+    return getattr(variable, "path", None) or str(variable.name)

@@ -209,8 +209,8 @@ def main(argv=None):
             results[f"{run_name}/optimizer/{variable.path}"] = (
                 keras.ops.convert_to_numpy(variable)
             )
-        for index, average in enumerate(averaging.get_state()["averages"]):
-            results[f"{run_name}/average/{index}"] = average
+        for index, average in enumerate(averaging.averages):
+            results[f"{run_name}/average/{index}"] = keras.ops.convert_to_numpy(average)
     np.savez(arguments.output, **results)
     sys.stdout.flush()
     # Leave without waiting for the collective runtime's threads, which can

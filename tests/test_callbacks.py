@@ -128,6 +128,15 @@ def assert_bitwise_equal(actual, expected, what=""):
         assert a.tobytes() == e.tobytes(), f"{what} #{index} differs"
 
 
+def state_of(averaging):
+    """The averaging state as numpy values (read outside `averaged()`)."""
+    return {
+        "averages": [to_numpy(average) for average in averaging.averages],
+        "num_updates": averaging.num_updates,
+        "last_step": averaging.last_step,
+    }
+
+
 def assert_states_equal(first, second):
     assert first["num_updates"] == second["num_updates"]
     assert first["last_step"] == second["last_step"]
@@ -165,7 +174,7 @@ def test_averages_match_numpy(mode):
     initial = recorder.weights_at(0)
     samples = [recorder.weights_at(step) for step in range(1, steps + 1)]
     expected = numpy_average(initial, samples, **MODES[mode])
-    state = averaging.get_state()
+    state = state_of(averaging)
     assert_all_close(state["averages"], expected)
     assert state["num_updates"] == averaging.num_updates == steps
     assert state["last_step"] == steps
@@ -186,12 +195,16 @@ def test_start_step_and_update_every(mode):
         [recorder.weights_at(7), recorder.weights_at(10)],
         **MODES[mode],
     )
-    state = averaging.get_state()
+    state = state_of(averaging)
     assert_all_close(state["averages"], expected)
     assert state["num_updates"] == 2
     assert state["last_step"] == 10
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="Keras's PyTorch backend allows only steps_per_execution=1",
+)
 @pytest.mark.parametrize("update_every, sampled", [(1, [3, 6, 9, 12]), (4, [6, 12])])
 def test_steps_per_execution_averages_execution_ends(update_every, sampled):
     model = make_model(steps_per_execution=3)
@@ -210,7 +223,7 @@ def test_steps_per_execution_averages_execution_ends(update_every, sampled):
         decay=0.9,
         dynamic_decay=True,
     )
-    state = averaging.get_state()
+    state = state_of(averaging)
     assert_all_close(state["averages"], expected)
     assert state["num_updates"] == len(sampled)
     assert state["last_step"] == sampled[-1]
@@ -224,22 +237,47 @@ def test_averaging_continues_across_fit_calls():
     fit(model, [recorder, averaging], epochs=1)
     samples = [recorder.weights_at(step) for step in range(1, 2 * STEPS_PER_EPOCH + 1)]
     expected = numpy_average(None, samples, decay=None)
-    assert_all_close(averaging.get_state()["averages"], expected)
+    assert_all_close(state_of(averaging)["averages"], expected)
     assert averaging.num_updates == 2 * STEPS_PER_EPOCH
 
 
-def test_update_is_one_compiled_function():
+def test_update_is_one_compiled_or_multi_tensor_call(monkeypatch):
+    # `_plan` decides each check. In a compiled update (tf.function,
+    # jax.jit) its Python runs only when the update is traced; on PyTorch it
+    # runs at every check, and each update is one multi-tensor lerp.
+    plans, lerps = [], []
+    plan = PolyakAveraging._plan
+
+    def counting_plan(self, *args):
+        plans.append(args)
+        return plan(self, *args)
+
+    monkeypatch.setattr(PolyakAveraging, "_plan", counting_plan)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        lerp = torch._foreach_lerp_
+
+        def counting_lerp(averages, weights, take):
+            lerps.append((len(averages), len(weights)))
+            return lerp(averages, weights, take)
+
+        monkeypatch.setattr(torch, "_foreach_lerp_", counting_lerp)
+
     model = make_model()
     averaging = PolyakAveraging()
     fit(model, [averaging], epochs=2)
-    compiled = averaging._update_function.compiled
-    if keras.backend.backend() == "tensorflow":
-        # One tf.function over all weights, traced once for all 13 calls.
-        assert compiled.experimental_get_tracing_count() == 1
-    elif keras.backend.backend() == "jax":
-        assert compiled._cache_size() == 1
+    steps = 2 * STEPS_PER_EPOCH
+    assert averaging.num_updates == steps
+    checks = steps + 1  # one before the first step, one after each step
+    if keras.backend.backend() == "torch":
+        assert len(plans) == checks
+        # Every check wrote (the start, then an update per step), each time
+        # all averages in one call.
+        variables = len(model.trainable_variables)
+        assert lerps == [(variables, variables)] * checks
     else:
-        pytest.skip("compiled on TensorFlow and JAX only")
+        assert len(plans) == 1, "the update was traced more than once"
 
 
 # ---------------------------------------------------------------------------
@@ -252,26 +290,49 @@ def test_averaged_swaps_in_and_restores_bit_for_bit():
     averaging = PolyakAveraging(decay=0.8)
     fit(model, [averaging], epochs=1)
     raw = weights_of(model)
-    state = averaging.get_state()
+    state = state_of(averaging)
     x, _ = make_data(seed=1)
 
     for _ in range(2):  # swap in and out twice
         with averaging.averaged() as averaged_model:
             assert averaged_model is model
             assert_bitwise_equal(weights_of(model), state["averages"], "inside")
-            # The state reads the same inside (the averages are in the model).
-            assert_states_equal(averaging.get_state(), state)
+            # Swapped: the averaging variables hold the raw weights meanwhile.
+            assert_states_equal(state_of(averaging), dict(state, averages=raw))
             averaged_predictions = to_numpy(model.predict(x, verbose=0))
-            with pytest.raises(ValueError, match="cannot be nested"):
-                with averaging.averaged():
-                    pass
+            with (
+                pytest.raises(ValueError, match="cannot be nested"),
+                averaging.averaged(),
+            ):
+                pass
             with pytest.raises(ValueError, match="inside `averaged\\(\\)`"):
                 averaging.apply()
         assert_bitwise_equal(weights_of(model), raw, "raw weights after")
-        assert_states_equal(averaging.get_state(), state)
+        assert_states_equal(state_of(averaging), state)
 
     raw_predictions = to_numpy(model.predict(x, verbose=0))
     assert not np.allclose(averaged_predictions, raw_predictions)
+
+
+def test_weights_saved_inside_averaged_carry_the_true_averages(tmp_path):
+    path = str(tmp_path / "inside.weights.h5")
+    model = make_model()
+    averaging = PolyakAveraging(decay=0.8)
+    fit(model, [averaging], epochs=1)
+    raw, state = weights_of(model), state_of(averaging)
+    with averaging.averaged():
+        model.save_weights(path)
+
+    loaded = make_model(seed=99)
+    loaded.optimizer.build(loaded.trainable_variables)  # the file has its state
+    restored = PolyakAveraging(decay=0.8)
+    restored.set_model(loaded)
+    loaded.load_weights(path)
+    # The file holds the averages as the model's weights, and the averaging
+    # state as it was (the averages, not the raw weights).
+    assert_bitwise_equal(weights_of(loaded), state["averages"], "weights")
+    assert_states_equal(state_of(restored), state)
+    assert not np.allclose(raw[0], state["averages"][0])
 
 
 def test_averaged_restores_weights_after_an_exception():
@@ -279,9 +340,8 @@ def test_averaged_restores_weights_after_an_exception():
     averaging = PolyakAveraging(decay=0.8)
     fit(model, [averaging], epochs=1)
     raw = weights_of(model)
-    with pytest.raises(RuntimeError, match="inside the block"):
-        with averaging.averaged():
-            raise RuntimeError("inside the block")
+    with pytest.raises(RuntimeError, match="inside the block"), averaging.averaged():
+        raise RuntimeError("inside the block")
     assert_bitwise_equal(weights_of(model), raw, "raw weights")
 
 
@@ -296,7 +356,7 @@ def test_apply_writes_the_averages(how):
     if how == "apply()":
         assert_bitwise_equal(weights_of(model), last_raw, "keep leaves raw")
         averaging.apply()
-    state = averaging.get_state()
+    state = state_of(averaging)
     assert_bitwise_equal(weights_of(model), state["averages"], "applied")
     assert not np.allclose(weights_of(model)[0], last_raw[0])
 
@@ -437,7 +497,7 @@ def test_backup_and_restore_resumes_the_averages(tmp_path, save_freq, averaging_
         optimizer_state_of(reference_model),
         "optimizer",
     )
-    assert_states_equal(resumed.get_state(), reference.get_state())
+    assert_states_equal(state_of(resumed), state_of(reference))
     assert resumed.num_updates == steps
 
 
@@ -450,7 +510,7 @@ def test_keras_file_carries_the_averaging_state(tmp_path):
     # Attached state is not part of the model's weights or layers.
     assert len(model.weights) == weights_before
     model.save(path)
-    saved_state = averaging.get_state()
+    saved_state = state_of(averaging)
     fit(model, [averaging], epochs=1)
 
     # Later: load the model, attach a new callback, load the same file.
@@ -460,32 +520,11 @@ def test_keras_file_carries_the_averaging_state(tmp_path):
     restored.set_model(loaded)
     assert not restored.started
     loaded.load_weights(path)
-    assert_states_equal(restored.get_state(), saved_state)
+    assert_states_equal(state_of(restored), saved_state)
     fit(loaded, [restored], epochs=1)
 
     assert_bitwise_equal(weights_of(loaded), weights_of(model), "weights")
-    assert_states_equal(restored.get_state(), averaging.get_state())
-
-
-def test_save_state_and_load_state(tmp_path):
-    state_path = str(tmp_path / "averaging.npz")
-    model_path = str(tmp_path / "model.keras")
-    model = make_model()
-    averaging = PolyakAveraging(decay=None, update_every=2)
-    fit(model, [averaging], epochs=1)
-    averaging.save_state(state_path)
-    model.save(model_path)
-    fit(model, [averaging], epochs=1)
-
-    loaded = keras.saving.load_model(model_path)
-    restored = PolyakAveraging(decay=None, update_every=2)
-    restored.load_state(state_path)  # before fit: set when attached
-    fit(loaded, [restored], epochs=1)
-
-    assert_bitwise_equal(weights_of(loaded), weights_of(model), "weights")
-    assert_states_equal(restored.get_state(), averaging.get_state())
-    with pytest.raises(ValueError, match="filepath"):
-        averaging.save_state(str(tmp_path / "averaging.h5"))
+    assert_states_equal(state_of(restored), state_of(averaging))
 
 
 def test_weights_without_averaging_state_restart_averaging(tmp_path):
@@ -525,7 +564,7 @@ def test_mirrored_strategy_mirrors_the_averages():
         [recorder.weights_at(step) for step in range(1, STEPS_PER_EPOCH + 1)],
         decay=0.8,
     )
-    assert_all_close(averaging.get_state()["averages"], expected)
+    assert_all_close(state_of(averaging)["averages"], expected)
     for average in averaging.averages:
         assert isinstance(average.value, tf.distribute.DistributedValues)
         replicas = [
@@ -581,7 +620,7 @@ def test_using_the_averages_before_training_is_a_clear_error():
     uses = (
         lambda: averaging.averaged().__enter__(),
         averaging.apply,
-        averaging.get_state,
+        lambda: averaging.averages,
     )
     for use in uses:
         with pytest.raises(ValueError, match="no averages yet.*model.fit"):
@@ -598,9 +637,11 @@ def test_before_start_step_evaluation_uses_raw_weights_and_apply_errors():
     assert not averaging.started
     raw_loss = model.evaluate(x_val, y_val, verbose=0)
     np.testing.assert_allclose(history.history["val_loss"][-1], raw_loss, rtol=1e-6)
-    with pytest.raises(ValueError, match="start_step=100.*6 steps"):
-        with averaging.averaged():
-            pass
+    with (
+        pytest.raises(ValueError, match="start_step=100.*6 steps"),
+        averaging.averaged(),
+    ):
+        pass
     with pytest.raises(ValueError, match="has not started"):
         averaging.apply()
 

@@ -184,10 +184,8 @@ def test_mirrored_state_follows_its_variable_and_training_equals_one_device(
     assert len(optimizer.variables) == len(single.optimizer.variables)
     for actual, expected in zip(optimizer.variables, single.optimizer.variables):
         assert_values_close(to_numpy(actual), to_numpy(expected), actual.path)
-    for actual, expected in zip(
-        averaging.get_state()["averages"], single_averaging.get_state()["averages"]
-    ):
-        assert_values_close(actual, expected, "average")
+    for actual, expected in zip(averaging.averages, single_averaging.averages):
+        assert_values_close(to_numpy(actual), to_numpy(expected), "average")
 
 
 @requires_tensorflow

@@ -110,11 +110,10 @@ def final_state(model) -> dict:
         arrays[f"optimizer_{i}"] = keras.ops.convert_to_numpy(variable)
     averaging = getattr(model, "polyak_averaging_callback", None)
     if averaging is not None:
-        state = averaging.get_state()
-        for i, average in enumerate(state["averages"]):
-            arrays[f"average_{i}"] = np.asarray(average)
-        arrays["average_updates"] = np.asarray(state["num_updates"])
-        arrays["average_last_step"] = np.asarray(state["last_step"])
+        for i, average in enumerate(averaging.averages):
+            arrays[f"average_{i}"] = keras.ops.convert_to_numpy(average)
+        arrays["average_updates"] = np.asarray(averaging.num_updates)
+        arrays["average_last_step"] = np.asarray(averaging.last_step)
     return arrays
 
 
