@@ -190,16 +190,26 @@ def nan_safe_sign(values, dtype):
     return ops.subtract(positive, negative)
 
 
-# Largest finite float16; float32 and bfloat16 share float32's range.
-FLOAT16_MAX = 65504.0
+def finite_max(dtype) -> float:
+    """The largest finite value of a float dtype (bfloat16 included)."""
+    numpy_type = numpy_dtype(keras.backend.standardize_dtype(dtype))
+    if "bfloat16" in _NUMPY_EXTRA_DTYPES:
+        return float(ml_dtypes.finfo(numpy_type).max)
+    return float(np.finfo(numpy_type).max)
 
 
 def saturating_cast(values, dtype):
-    """Casts float32 `values` to `dtype`; for float16, finite values
-    beyond its range become +-65504 instead of +-Inf."""
-    if keras.backend.standardize_dtype(dtype) == "float16":
-        values = ops.clip(values, -FLOAT16_MAX, FLOAT16_MAX)
-    return ops.cast(values, dtype)
+    """Casts `values` to `dtype`, saturating: where `dtype`'s range is
+    narrower than that of `values` (float64 to float32, float32 to
+    bfloat16 or float16), values beyond it, infinities included, become
+    its largest finite value with their sign instead of +-Inf. NaN stays
+    NaN."""
+    target = keras.backend.standardize_dtype(dtype)
+    source = keras.backend.standardize_dtype(values.dtype)
+    if target != source and finite_max(target) < finite_max(source):
+        bound = finite_max(target)
+        values = ops.clip(values, -bound, bound)
+    return ops.cast(values, target)
 
 
 def all_finite(tensors: Iterable[Any]):

@@ -24,6 +24,11 @@ from __future__ import annotations
 
 import numpy as np
 
+try:  # bfloat16's finfo; installed with TensorFlow, JAX and Keras.
+    import ml_dtypes
+except ImportError:  # pragma: no cover
+    ml_dtypes = None
+
 from keras_soma._common import numpy_dtype
 
 State = dict[str, np.ndarray]
@@ -41,6 +46,21 @@ def apply_weight_decay(variable, learning_rate, weight_decay: float | None):
     decay = np.asarray(np.float32(weight_decay)).astype(dtype)
     rate = _cast_learning_rate(learning_rate, dtype)
     return (variable - (variable * decay) * rate).astype(dtype)
+
+
+def _finfo(dtype):
+    return ml_dtypes.finfo(dtype) if ml_dtypes is not None else np.finfo(dtype)
+
+
+def _saturating_astype(values: np.ndarray, dtype) -> np.ndarray:
+    """`values.astype(dtype)`, where values beyond a narrower `dtype`'s
+    range (infinities included) become its largest finite value with their
+    sign; NaN stays NaN."""
+    dtype = np.dtype(dtype)
+    if dtype != values.dtype and _finfo(dtype).max < _finfo(values.dtype).max:
+        bound = _finfo(dtype).max
+        values = np.clip(values, -bound, bound)
+    return values.astype(dtype)
 
 
 def sign_with_zero(values: np.ndarray) -> np.ndarray:
@@ -71,10 +91,8 @@ def soma_step(
     variable = apply_weight_decay(variable, learning_rate, weight_decay)
     average = state["momentum"].astype(np.float32) * np.float32(
         momentum
-    ) + gradient.astype(np.float32) * np.float32(1.0 - momentum)
-    if state["momentum"].dtype == np.float16:  # saturate, keep the sign
-        average = np.clip(average, -65504.0, 65504.0)
-    average = average.astype(state["momentum"].dtype)
+    ) + _saturating_astype(gradient, np.float32) * np.float32(1.0 - momentum)
+    average = _saturating_astype(average, state["momentum"].dtype)
     step = _cast_learning_rate(learning_rate, dtype) * np.sign(
         average.astype(dtype)
     ).astype(dtype)

@@ -12,14 +12,15 @@ def soma_update(value, gradient, momentum_value, learning_rate, momentum):
     """One Soma step as a pure function of tensors.
 
     The moving average is computed in float32 and stored in the momentum
-    dtype (saturating at float16's largest finite value, so huge finite
-    gradients keep their sign rather than becoming Inf); the variable
+    dtype. Both conversions saturate (a float64 gradient beyond float32's
+    range, an average beyond bfloat16's or float16's), so huge finite
+    gradients keep their sign rather than becoming Inf; the variable
     moves by exactly `learning_rate` times the sign of the stored average,
     in the variable's dtype.
     """
     average = ops.add(
         ops.multiply(ops.cast(momentum_value, "float32"), momentum),
-        ops.multiply(ops.cast(gradient, "float32"), 1.0 - momentum),
+        ops.multiply(_common.saturating_cast(gradient, "float32"), 1.0 - momentum),
     )
     average = _common.saturating_cast(average, momentum_value.dtype)
     step = ops.multiply(learning_rate, ops.sign(ops.cast(average, value.dtype)))
