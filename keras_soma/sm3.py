@@ -103,8 +103,9 @@ class SM3(KerasSomaOptimizer):
 
     With `beta_2 < 1` each sum `A + s` is `beta_2 * A + (1 - beta_2) * s`.
     `|u| <= 1` (`1 / sqrt(1 - beta_2)`). Squares and accumulators are
-    float32, saturating at its largest value; a tf.IndexedSlices gradient
-    updates only its rows. Both are described on the SM3 page of the docs.
+    float32, saturating at its largest value; a sparse gradient of whole
+    rows (tf.IndexedSlices, or a BCOO or torch COO tensor with one sparse
+    dimension) updates only its rows. Both are described on the SM3 page.
 
     Memory: 4 bytes per accumulator number, about 0.05 bytes per parameter
     on the fashion-MNIST MLP (Adam: 8); `momentum > 0` adds one tensor of
