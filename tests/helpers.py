@@ -1,4 +1,4 @@
-"""Test helpers: stepping an optimizer eagerly or compiled on either
+"""Test helpers: stepping an optimizer eagerly or compiled on any
 backend, random gradients, and comparisons with the numpy reference."""
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import numpy as np
 from keras_soma._reference import numpy_dtype
 
 # Ways an update can run: op by op in eager mode, traced (on TensorFlow
-# a tf.function: the fused kernel; on JAX jax.jit over stateless_apply),
-# and traced with the fused kernel turned off (TensorFlow only).
+# a tf.function: the fused kernel; on JAX jax.jit over stateless_apply; on
+# PyTorch torch.compile over optimizer.apply, as Keras compiles a train
+# step for jit_compile=True), and traced with the fused kernel turned off
+# (TensorFlow only).
 MODES = ["eager", "compiled", "compiled_unfused"]
 
 # Relative/absolute tolerance of the comparison with the reference, by
@@ -82,6 +84,37 @@ def make_stepper(optimizer, variables, mode: str) -> Callable:
                 target.assign(value)
             for target, value in zip(optimizer.variables, new_optimizer):
                 target.assign(value)
+
+        step.trace_count = lambda: len(traces)
+        return step
+    if backend == "torch":
+        import torch
+        from torch._inductor.compile_fx import compile_fx
+
+        # Dynamo caches compiled code per code object, guarded on the
+        # objects it closes over: the optimizers of earlier tests would
+        # count toward its recompile limit, beyond which it silently runs
+        # the function eagerly. Each stepper starts from an empty cache.
+        torch._dynamo.reset()
+        graphs = []
+
+        def inductor_counting_graphs(graph_module, example_inputs):
+            graphs.append(graph_module)
+            return compile_fx(graph_module, example_inputs)
+
+        @torch.compile(backend=inductor_counting_graphs)
+        def compiled(gradients):
+            with torch.no_grad():
+                optimizer.apply(gradients, variables)
+
+        def step(gradients):
+            # Dynamo replays Python side effects on every call, so a trace
+            # is a call during which a graph was compiled (a graph break
+            # splits one trace into several graphs).
+            graphs_before = len(graphs)
+            compiled([keras.ops.convert_to_tensor(g) for g in gradients])
+            if len(graphs) > graphs_before:
+                traces.append(1)
 
         step.trace_count = lambda: len(traces)
         return step
