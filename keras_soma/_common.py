@@ -172,19 +172,6 @@ def nan_safe_sign(values, dtype):
     return ops.subtract(positive, negative)
 
 
-def nan_propagating_sign(values):
-    """`ops.sign(values)` with sign(NaN) = NaN on every backend.
-
-    numpy, TensorFlow and JAX carry NaN through the sign; PyTorch's gives
-    0, which would hold a parameter whose average is NaN still instead of
-    making it NaN as on the other backends.
-    """
-    result = ops.sign(values)
-    if keras.backend.backend() == "torch":
-        result = ops.where(ops.isnan(values), values, result)
-    return result
-
-
 # Largest finite float16; float32 and bfloat16 share float32's range.
 FLOAT16_MAX = 65504.0
 

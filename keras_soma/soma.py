@@ -22,9 +22,7 @@ def soma_update(value, gradient, momentum_value, learning_rate, momentum):
         ops.multiply(ops.cast(gradient, "float32"), 1.0 - momentum),
     )
     average = _common.saturating_cast(average, momentum_value.dtype)
-    step = ops.multiply(
-        learning_rate, _common.nan_propagating_sign(ops.cast(average, value.dtype))
-    )
+    step = ops.multiply(learning_rate, ops.sign(ops.cast(average, value.dtype)))
     return ops.subtract(value, step), average
 
 
