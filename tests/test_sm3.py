@@ -628,9 +628,8 @@ def test_variant_one_and_op_by_op_updates_are_not_blocked(tiny_blocks):
     variable = keras.Variable(np.ones((8, 4), "float32"))
     assert keras_soma.SM3(variant="I")._rows_per_block(variable) is None
     assert keras_soma.SM3(blocked=False)._rows_per_block(variable) is None
-    # Outside a compiled function on TensorFlow the update runs op by op;
-    # PyTorch has no blocked path.
-    if keras.backend.backend() in ("tensorflow", "torch"):
+    # Outside a compiled function on TensorFlow the update runs op by op.
+    if keras.backend.backend() == "tensorflow":
         assert keras_soma.SM3()._rows_per_block(variable) is None
     else:
         assert keras_soma.SM3()._rows_per_block(variable) is not None
