@@ -1,4 +1,4 @@
-"""Test helpers: stepping an optimizer eagerly or compiled on either
+"""Test helpers: stepping an optimizer eagerly or compiled on any
 backend, random gradients, and comparisons with the numpy reference."""
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import pytest
 from keras_soma._reference import numpy_dtype
 
 # Ways an update can run: op by op in eager mode, traced (on TensorFlow
-# a tf.function: the fused kernel; on JAX jax.jit over stateless_apply),
-# and traced with the fused kernel turned off (TensorFlow only).
+# a tf.function: the fused kernel; on JAX jax.jit over stateless_apply; on
+# PyTorch torch.compile over optimizer.apply, as Keras compiles a train
+# step for jit_compile=True), and traced with the fused kernel turned off
+# (TensorFlow only).
 MODES = ["eager", "compiled", "compiled_unfused"]
 
 # Relative/absolute tolerance of the comparison with the reference, by
@@ -68,6 +70,8 @@ def make_stepper(optimizer, variables, mode: str) -> Callable:
             variables,
             lambda gradients: [keras.ops.convert_to_tensor(g) for g in gradients],
         )
+    if backend == "torch":
+        return _torch_compiled_stepper(optimizer, variables)
     raise ValueError(f"mode {mode!r} is not available on backend {backend!r}")
 
 
@@ -191,6 +195,43 @@ def make_row_stepper(optimizer, variable, mode: str) -> Callable:
             lambda indices, values: [native_row_gradient(indices, values, shape)],
         )
     raise ValueError(f"mode {mode!r} is not available on backend {backend!r}")
+
+
+def _torch_compiled_stepper(optimizer, variables) -> Callable:
+    """`step(gradients)`: `optimizer.apply` under `torch.compile` with
+    Inductor, torch.compile's default, as Keras compiles a train step for
+    `jit_compile=True`; `step.trace_count()` counts the calls that
+    compiled."""
+    import torch
+    from torch._inductor.compile_fx import compile_fx
+
+    # Dynamo caches compiled code per code object, guarded on the objects
+    # it closes over: the optimizers of earlier tests would count toward
+    # its recompile limit, beyond which it silently runs the function
+    # eagerly. Each stepper starts from an empty cache.
+    torch._dynamo.reset()
+    graphs, traces = [], []
+
+    def inductor_counting_graphs(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return compile_fx(graph_module, example_inputs)
+
+    @torch.compile(backend=inductor_counting_graphs)
+    def compiled(gradients):
+        with torch.no_grad():
+            optimizer.apply(gradients, variables)
+
+    def step(gradients):
+        # Dynamo replays Python side effects on every call, so a trace is
+        # a call during which a graph was compiled (a graph break splits
+        # one trace into several graphs).
+        graphs_before = len(graphs)
+        compiled([keras.ops.convert_to_tensor(g) for g in gradients])
+        if len(graphs) > graphs_before:
+            traces.append(1)
+
+    step.trace_count = lambda: len(traces)
+    return step
 
 
 def make_optimizer(spec, mode: str, **kwargs):

@@ -21,14 +21,14 @@ from keras_soma._reference import numpy_dtype
 SPECS = [pytest.param(spec, id=name) for name, spec in REGISTRY.items()]
 # JAX without jax_enable_x64 has no float64.
 DTYPES = ["float16", "bfloat16", "float32"] + (
-    ["float64"] if keras.backend.backend() == "tensorflow" else []
+    ["float64"] if keras.backend.backend() in ("tensorflow", "torch") else []
 )
 EXAMPLES = 25
 PROPERTY_SETTINGS = settings(
     max_examples=EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-    derandomize=True,  # the same examples on every run and both backends
+    derandomize=True,  # the same examples on every run and every backend
 )
 
 shapes = st.lists(st.integers(1, 4), min_size=0, max_size=5).map(tuple)

@@ -229,10 +229,20 @@ LONG_STEPS = 100_000
 
 def run_many_steps(optimizer, variable, steps, seed=0):
     """`steps` updates with uniform(-1, 1) gradients inside one compiled
-    loop; returns nothing (the variables hold the result)."""
+    loop (on PyTorch, which compiles no loops, a loop over one compiled
+    step); returns nothing (the variables hold the result)."""
     backend = keras.backend.backend()
     optimizer.build([variable])
     shape = tuple(variable.shape)
+    if backend == "torch":
+        import torch
+
+        step = make_stepper(optimizer, [variable], "compiled")
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            step([torch.rand(shape, generator=generator) * 2.0 - 1.0])
+        assert step.trace_count() == 1
+        return
     if backend == "tensorflow":
         import tensorflow as tf
 

@@ -110,7 +110,9 @@ def test_round_trip_inside_an_optimizer(optimizer_class):
     optimizer = optimizer_class(learning_rate=schedule)
     config = json.loads(json.dumps(keras.saving.serialize_keras_object(optimizer)))
     restored = keras.saving.deserialize_keras_object(config)
-    assert type(restored) is optimizer_class
+    # On PyTorch, Keras swaps its own optimizers for torch subclasses.
+    assert isinstance(restored, optimizer_class)
+    assert type(restored) is type(optimizer)
     assert restored.get_config()[
         "learning_rate"
     ] == keras.saving.serialize_keras_object(schedule)

@@ -541,8 +541,14 @@ BLOCKED_CASES = [
 # Where the path is taken: the fused kernel on TensorFlow (compiled), and
 # on JAX both under jax.jit and eagerly (lax.fori_loop runs either way).
 BLOCKED_MODES = ["compiled"] + (["eager"] if keras.backend.backend() == "jax" else [])
+# PyTorch runs every SM3 update whole-tensor (`SM3._rows_per_block`).
+requires_blocked_path = pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="no row-blocked SM3 path on PyTorch: the whole-tensor update runs",
+)
 
 
+@requires_blocked_path
 @pytest.mark.parametrize("mode", BLOCKED_MODES)
 @pytest.mark.parametrize("shape", [(8, 3), (7, 4, 3), (5, 3, 2, 4)], ids=str)
 @pytest.mark.parametrize("case", BLOCKED_CASES, ids=str)
@@ -556,6 +562,7 @@ def test_blocked_path_matches_reference(tiny_blocks, case, shape, mode):
     assert all(rows < shape[0] for rows in tiny_blocks)
 
 
+@requires_blocked_path
 def test_blocked_path_with_weight_decay_and_skipped_steps(tiny_blocks):
     """Weight decay and skip_nonfinite wrap the blocked update as they
     wrap the whole-tensor one: same numbers, and a skipped step changes
@@ -582,6 +589,7 @@ def test_blocked_path_with_weight_decay_and_skipped_steps(tiny_blocks):
     assert int(to_numpy(optimizer.skipped_steps)) == 1
 
 
+@requires_blocked_path
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_blocked_and_whole_tensor_paths_agree(tiny_blocks, momentum):
     rng = np.random.default_rng(3)
