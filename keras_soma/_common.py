@@ -212,6 +212,19 @@ def variable_layout(variable) -> Any:
     return getattr(variable, "_layout", None)
 
 
+def tf_variable(variable) -> Any:
+    """The TensorFlow variable behind a Keras variable (TensorFlow only).
+
+    A `tf.Variable` (a distributed one included) is returned as is. The
+    test is on `tf.Variable` rather than on `keras.Variable` because before
+    Keras 3.7 `keras.Variable` was a subclass that the variables layers and
+    optimizers create are not instances of.
+    """
+    import tensorflow as tf
+
+    return variable if isinstance(variable, tf.Variable) else variable.value
+
+
 def axis_layout(layout: Any, axis: int) -> Any:
     """The layout of a per-axis state vector of a variable laid out as
     `layout`: the variable's sharding of dimension `axis`, on its mesh.

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import keras
 
+from keras_soma import _common
+
 
 def available() -> bool:
     """Whether `update` can be used in the current context."""
@@ -57,10 +59,7 @@ def update_many(kernels) -> None:
     import tensorflow as tf
 
     natives = [
-        [
-            target.value if isinstance(target, keras.Variable) else target
-            for target in targets
-        ]
+        [_common.tf_variable(target) for target in targets]
         for targets, _, _, _ in kernels
     ]
     computes = [compute for _, compute, _, _ in kernels]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import keras
 
+from keras_soma import _common
+
 
 def is_row_sliced(gradient) -> bool:
     """True for a TensorFlow `tf.IndexedSlices` gradient."""
@@ -56,8 +58,7 @@ def gather_rows(variable, indices):
     the rest of it (a resource gather, not a read and then a gather)."""
     import tensorflow as tf
 
-    native = variable.value if isinstance(variable, keras.Variable) else variable
-    return tf.gather(native, indices)
+    return tf.gather(_common.tf_variable(variable), indices)
 
 
 def row_slices(rows, indices):

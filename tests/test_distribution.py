@@ -33,6 +33,7 @@ from helpers import TOLERANCE, to_numpy
 from registry import REGISTRY
 
 import keras_soma
+from keras_soma._common import tf_variable
 from keras_soma._reference import numpy_dtype
 
 SPECS = [pytest.param(spec, id=name) for name, spec in REGISTRY.items()]
@@ -138,7 +139,7 @@ def local_values(strategy, variable):
     """The per-device copies of a (Keras) variable under `strategy`."""
     import tensorflow as tf
 
-    native = variable.value if isinstance(variable, keras.Variable) else variable
+    native = tf_variable(variable)
     assert isinstance(native, tf.distribute.DistributedValues), variable.path
     return strategy.experimental_local_results(native)
 
@@ -318,7 +319,7 @@ def test_multi_worker_training_ends_identical_on_both_workers(tmp_path):
     runs = {key.split("/")[0] for key in first.files if "/" in key}
     assert set(REGISTRY) <= runs
     assert any(run.endswith("-config_case") for run in runs), runs
-    for name, spec in REGISTRY.items():
+    for name in REGISTRY:
         for run in runs & {name, f"{name}-config_case"}:
             keys = [key for key in first.files if key.startswith(f"{run}/")]
             assert any("/optimizer/" in key and "iteration" in key for key in keys)
