@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,14 +23,6 @@ import keras
 from keras import ops
 
 from keras_soma import _common, _fused, _sparse
-
-# `Optimizer.add_variable` takes a layout from Keras 3.10 on. Before, there
-# is none to give: Keras lays out every new variable itself, from the
-# distribution's layout map.
-_ADD_VARIABLE_TAKES_LAYOUT = (
-    "layout" in inspect.signature(keras.optimizers.Optimizer.add_variable).parameters
-)
-
 
 # Keras's helper for state of a variable's own shape and dtype (3.10 on).
 _HAS_ADD_OPTIMIZER_VARIABLES = hasattr(
@@ -166,13 +157,12 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
             layout = _common.variable_layout(variable)
         storage_dtype = _storage_dtype(dtype)
         with _colocated_with(variable):
-            extra = {"layout": layout} if _ADD_VARIABLE_TAKES_LAYOUT else {}
             state = self.add_variable(
                 shape=shape,
                 initializer=initializer,
                 dtype=storage_dtype,
                 name=_common.state_name(variable, slot),
-                **extra,
+                **_common.layout_keyword(self.add_variable, layout),
             )
         if storage_dtype != dtype:
             self._stored_wider[id(state)] = dtype
@@ -490,6 +480,5 @@ def _colocated_with(variable):
         return _NullContext()
     import tensorflow as tf
 
-    return tf.distribute.get_strategy().extended.colocate_vars_with(
-        _common.tf_variable(variable)
-    )
+    native = variable.value if isinstance(variable, keras.Variable) else variable
+    return tf.distribute.get_strategy().extended.colocate_vars_with(native)

@@ -8,6 +8,7 @@ ignores NaN.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -212,17 +213,18 @@ def variable_layout(variable) -> Any:
     return getattr(variable, "_layout", None)
 
 
-def tf_variable(variable) -> Any:
-    """The TensorFlow variable behind a Keras variable (TensorFlow only).
+def layout_keyword(constructor, layout: Any) -> dict[str, Any]:
+    """`{"layout": layout}` for a `constructor` of variables
+    (`keras.Variable`, `Optimizer.add_variable`) that takes a layout, else
+    `{}`.
 
-    A `tf.Variable` (a distributed one included) is returned as is. The
-    test is on `tf.Variable` rather than on `keras.Variable` because before
-    Keras 3.7 `keras.Variable` was a subclass that the variables layers and
-    optimizers create are not instances of.
+    Keras takes explicit layouts from 3.10 on. Before, there is none to
+    give: Keras lays out every new variable itself, from the distribution's
+    layout map.
     """
-    import tensorflow as tf
-
-    return variable if isinstance(variable, tf.Variable) else variable.value
+    if "layout" in inspect.signature(constructor).parameters:
+        return {"layout": layout}
+    return {}
 
 
 def axis_layout(layout: Any, axis: int) -> Any:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import keras
 
-from keras_soma import _common
-
 
 def available() -> bool:
     """Whether `update` can be used in the current context."""
@@ -59,7 +57,10 @@ def update_many(kernels) -> None:
     import tensorflow as tf
 
     natives = [
-        [_common.tf_variable(target) for target in targets]
+        [
+            target.value if isinstance(target, keras.Variable) else target
+            for target in targets
+        ]
         for targets, _, _, _ in kernels
     ]
     computes = [compute for _, compute, _, _ in kernels]

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import keras
 
-from keras_soma import _common
-
 
 def is_row_sliced(gradient) -> bool:
     """True for a TensorFlow `tf.IndexedSlices` gradient."""
@@ -58,7 +56,8 @@ def gather_rows(variable, indices):
     the rest of it (a resource gather, not a read and then a gather)."""
     import tensorflow as tf
 
-    return tf.gather(_common.tf_variable(variable), indices)
+    native = variable.value if isinstance(variable, keras.Variable) else variable
+    return tf.gather(native, indices)
 
 
 def row_slices(rows, indices):

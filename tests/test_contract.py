@@ -371,10 +371,9 @@ def test_compiled_step_needs_at_most_one_variable_sized_temporary(spec):
         optimizer.build(variables)
 
         # Arguments in the order of the results, so that each donated
-        # buffer can hold the result of the same variable. (It is compiled
-        # within the iteration, so reading the loop's `optimizer` is right.)
+        # buffer can hold the result of the same variable.
         def step(variable_values, optimizer_values, gradient_values):
-            return optimizer.stateless_apply(  # noqa: B023
+            return optimizer.stateless_apply(
                 optimizer_values, gradient_values, variable_values
             )
 

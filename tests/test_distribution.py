@@ -33,7 +33,6 @@ from helpers import TOLERANCE, to_numpy
 from registry import REGISTRY
 
 import keras_soma
-from keras_soma._common import tf_variable
 from keras_soma._reference import numpy_dtype
 
 SPECS = [pytest.param(spec, id=name) for name, spec in REGISTRY.items()]
@@ -139,7 +138,7 @@ def local_values(strategy, variable):
     """The per-device copies of a (Keras) variable under `strategy`."""
     import tensorflow as tf
 
-    native = tf_variable(variable)
+    native = variable.value if isinstance(variable, keras.Variable) else variable
     assert isinstance(native, tf.distribute.DistributedValues), variable.path
     return strategy.experimental_local_results(native)
 

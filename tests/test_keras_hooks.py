@@ -21,8 +21,9 @@ The hooks:
 * `Optimizer._get_variable_index(variable)`: each variable's state.
 * `Optimizer._use_weight_decay(variable)`: `exclude_from_weight_decay`.
 * `Optimizer._trainable_variables`: read by `apply` with `skip_nonfinite`.
-* `Optimizer.add_variable(..., layout=...)` (Keras 3.10 on) and the
-  variable's `_layout`: optimizer state laid out like its variable.
+* `Optimizer.add_variable(..., layout=...)` and `keras.Variable(...,
+  layout=...)` (Keras 3.10 on), and the variable's `_layout`: optimizer
+  state and Polyak averages laid out like their weight.
 * `Optimizer.add_optimizer_variables` (public, Keras 3.10 on) and Keras's
   filtering of `overwrite_with_gradient` variables in `apply`: no state
   for the scale and amax-history variables of float8 training.
@@ -213,19 +214,21 @@ def test_variable_index_and_weight_decay_exclusion_behave():
     )
 
 
-def test_add_variable_takes_a_layout_where_keras_lays_out_state():
-    takes_layout = (
-        "layout"
-        in inspect.signature(keras.optimizers.Optimizer.add_variable).parameters
-    )
-    assert takes_layout == _base._ADD_VARIABLE_TAKES_LAYOUT
-    if hasattr(keras.optimizers.Optimizer, "add_optimizer_variables"):
-        # Keras 3.10 on lays out optimizer state through this argument.
-        assert takes_layout, (
-            f"{KERAS}'s Optimizer.add_variable no longer takes `layout`; "
-            "keras_soma lays out state of another dtype or shape than its "
-            "variable through it (keras_soma/_base.py add_slot) — update it"
-        )
+def test_variable_constructors_take_a_layout_where_keras_lays_out_state():
+    for constructor, user in [
+        (keras.optimizers.Optimizer.add_variable, "keras_soma/_base.py add_slot"),
+        (keras.Variable, "the Polyak averages, keras_soma/callbacks.py"),
+    ]:
+        takes_layout = "layout" in inspect.signature(constructor).parameters
+        expected = {"layout": "a layout"} if takes_layout else {}
+        assert _common.layout_keyword(constructor, "a layout") == expected
+        if hasattr(keras.optimizers.Optimizer, "add_optimizer_variables"):
+            # Keras 3.10 on lays out new variables through this argument.
+            assert takes_layout, (
+                f"{KERAS}'s {constructor.__qualname__} no longer takes "
+                "`layout`; keras_soma lays out new variables like the weight "
+                f"they belong to through it ({user}) — update it"
+            )
     assert _common.variable_layout(keras.Variable(np.ones((2,), "float32"))) is None
 
 
@@ -233,7 +236,7 @@ def test_add_variable_takes_a_layout_where_keras_lays_out_state():
 def test_jax_variables_keep_their_layout_as_underscore_layout():
     import jax
 
-    if not _base._ADD_VARIABLE_TAKES_LAYOUT:
+    if not _common.layout_keyword(keras.Variable, None):
         pytest.skip("Keras before 3.10 lays out every new variable itself")
     devices = keras.distribution.list_devices("cpu")
     if len(devices) < 2 or len(jax.devices()) < 2:
