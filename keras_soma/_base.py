@@ -2,7 +2,8 @@
 
 * state ("slots") created beside its variable, so that tf.distribute places
   it with the variable and the Keras distribution API gives it the
-  variable's layout (or, for per-axis state, the layout of that axis);
+  variable's layout (or, for per-axis state, the layout of that axis),
+  and none for a variable Keras overwrites with its gradient (float8);
 * `get_slots(variable)`, the state of one variable by slot name, the names
   the numpy reference in `keras_soma._reference` uses;
 * one update path: each optimizer writes its math once as a pure function
@@ -23,6 +24,18 @@ import keras
 from keras import ops
 
 from keras_soma import _common, _fused, _sparse
+
+# Keras's helper for state of a variable's own shape and dtype (3.10 on).
+_HAS_ADD_OPTIMIZER_VARIABLES = hasattr(
+    keras.optimizers.Optimizer, "add_optimizer_variables"
+)
+
+
+def _overwritten_with_gradient(variable) -> bool:
+    """Whether Keras sets `variable` to its gradient instead of passing it
+    to `update_step` (float8 training's scale and amax-history variables;
+    a tf.Variable has no such attribute)."""
+    return bool(getattr(variable, "overwrite_with_gradient", False))
 
 
 class KerasSomaOptimizer(keras.optimizers.Optimizer):
@@ -89,10 +102,17 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         layout: Any = "follow",
         initializer="zeros",
     ):
-        """Creates one state tensor for `variable`.
+        """Creates one state tensor for `variable`, or None.
 
-        With the variable's own shape and dtype this is exactly
-        `add_variable_from_reference`. Otherwise (another dtype, or a
+        A variable Keras overwrites with its gradient
+        (`variable.overwrite_with_gradient`: the scales and amax histories
+        of float8 training) never reaches `update_step` and gets no state:
+        None is returned and nothing is created, as Keras's own optimizers
+        do.
+
+        With the variable's own shape and dtype the state is made by
+        Keras's helper, `add_optimizer_variables` (Keras 3.10 on; before,
+        `add_variable_from_reference`). Otherwise (another dtype, or a
         per-axis shape) the tensor is created colocated with the variable
         under tf.distribute, and with `layout` ("follow" copies the
         variable's layout; pass a layout, or None, for per-axis state).
@@ -111,9 +131,18 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
             and shape == tuple(variable.shape)
             and layout == "follow"
         ):
+            if _HAS_ADD_OPTIMIZER_VARIABLES:
+                (state,) = self.add_optimizer_variables(
+                    [variable], slot, initializer=initializer
+                )
+                return state
+            if _overwritten_with_gradient(variable):
+                return None
             return self.add_variable_from_reference(
                 variable, name=slot, initializer=initializer
             )
+        if _overwritten_with_gradient(variable):
+            return None
         if layout == "follow":
             layout = _common.variable_layout(variable)
         storage_dtype = _storage_dtype(dtype)
@@ -122,8 +151,8 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
                 shape=shape,
                 initializer=initializer,
                 dtype=storage_dtype,
-                layout=layout,
                 name=_common.state_name(variable, slot),
+                **_common.layout_keyword(self.add_variable, layout),
             )
         if storage_dtype != dtype:
             self._stored_wider[id(state)] = dtype
@@ -138,7 +167,8 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         Returns:
             A dict mapping slot names (the names used by
             `keras_soma._reference`) to Keras variables; slots a variable
-            does not have (e.g. SM3's momentum at `momentum=0`) are absent.
+            does not have (e.g. SM3's momentum at `momentum=0`) are absent,
+            and a variable Keras overwrites with its gradient has none.
         """
         if not self.built:
             raise ValueError(
@@ -154,7 +184,8 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
             value = values[index]
             if isinstance(value, (list, tuple)):
                 for axis, item in enumerate(value):
-                    slots[f"{slot}_{axis}"] = item
+                    if item is not None:
+                        slots[f"{slot}_{axis}"] = item
             elif value is not None:
                 slots[slot] = value
         return slots

@@ -8,6 +8,7 @@ ignores NaN.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -238,6 +239,20 @@ def variable_layout(variable) -> Any:
     in ``Optimizer.add_variable_from_reference``; there is no public getter.
     """
     return getattr(variable, "_layout", None)
+
+
+def layout_keyword(constructor, layout: Any) -> dict[str, Any]:
+    """`{"layout": layout}` for a `constructor` of variables
+    (`keras.Variable`, `Optimizer.add_variable`) that takes a layout, else
+    `{}`.
+
+    Keras takes explicit layouts from 3.10 on. Before, there is none to
+    give: Keras lays out every new variable itself, from the distribution's
+    layout map.
+    """
+    if "layout" in inspect.signature(constructor).parameters:
+        return {"layout": layout}
+    return {}
 
 
 def axis_layout(layout: Any, axis: int) -> Any:

@@ -370,7 +370,9 @@ class _AveragingState(keras.layers.Layer):
                 trainable=False,
                 autocast=False,
                 name=f"average_{index}",
-                layout=_common.variable_layout(variable),
+                **_common.layout_keyword(
+                    keras.Variable, _common.variable_layout(variable)
+                ),
             )
             for index, variable in enumerate(model_variables)
         ]

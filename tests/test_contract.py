@@ -668,3 +668,64 @@ def test_fused_true_runs_the_kernel_inside_a_tf_function(spec, monkeypatch):
     assert kernels == [1, 1]  # one kernel per trace, of the one variable
     for with_true, with_none in zip(results[True], results[None]):
         np.testing.assert_array_equal(with_true, with_none)
+
+
+# ---------------------------------------------------------------------------
+# float8 training
+# ---------------------------------------------------------------------------
+
+
+def float8_model(dtype):
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="tanh", dtype=dtype, name="hidden"),
+            keras.layers.Dense(1, name="output"),
+        ]
+    )
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_float8_scale_variables_get_no_state(spec):
+    """Keras overwrites a float8 layer's scale and amax-history variables
+    with their gradients and never passes them to `update_step`; as with
+    Keras's own optimizers, they get no state, and the other variables get
+    what they would get without float8."""
+    model = float8_model("float8_from_float32")
+    overwritten = [
+        variable
+        for variable in model.trainable_variables
+        if getattr(variable, "overwrite_with_gradient", False)
+    ]
+    assert overwritten, "a float8 Dense layer no longer sets overwrite_with_gradient"
+    trained = [
+        variable
+        for variable in model.trainable_variables
+        if not getattr(variable, "overwrite_with_gradient", False)
+    ]
+    optimizer = spec.cls(learning_rate=spec.fit_learning_rate)
+    model.compile(optimizer=optimizer, loss="mse")
+    inputs, targets = regression_problem()
+    initial = model.evaluate(inputs, targets, verbose=0)
+    history = [to_numpy(variable) for variable in overwritten]
+    model.fit(inputs, targets, epochs=2, batch_size=32, verbose=0)
+    final = model.evaluate(inputs, targets, verbose=0)
+    assert np.isfinite(final) and final < initial, (initial, final)
+    # Keras did overwrite them (the float8 path ran).
+    assert any(
+        not np.array_equal(before, to_numpy(variable))
+        for before, variable in zip(history, overwritten)
+    )
+    for variable in overwritten:
+        assert optimizer.get_slots(variable) == {}, variable.path
+    for variable in trained:
+        assert optimizer.get_slots(variable), variable.path
+
+    plain = float8_model("float32")
+    plain_optimizer = spec.cls(learning_rate=spec.fit_learning_rate)
+    plain_optimizer.build(plain.trainable_variables)
+    assert len(optimizer.variables) == len(plain_optimizer.variables)
+    assert state_bytes_per_parameter(optimizer, trained) == state_bytes_per_parameter(
+        plain_optimizer, plain.trainable_variables
+    )
