@@ -59,7 +59,10 @@ def reduce_to(values, axis: int | None, rank: int):
     others = tuple(other for other in range(rank) if other != axis)
     if not others:
         return values
-    return ops.max(values, axis=others)
+    # amax rather than max: the same numbers, but Keras's torch `max`
+    # inspects its result in Python, which breaks a torch.compile graph
+    # (one SM3 step became 14 graphs); `amax` traces into one.
+    return ops.amax(values, axis=others)
 
 
 def minimum_over_cover(accumulators, axes, rank: int):
