@@ -87,6 +87,15 @@ class Soma(KerasSomaOptimizer):
     Memory: 4 bytes of state per parameter (2 with
     `momentum_dtype="bfloat16"`); Adam keeps 8.
 
+    Gradient accumulation costs no memory: with
+    `gradient_accumulation_steps=N` Soma keeps no gradient accumulator
+    (Keras's costs 4 bytes per parameter) but folds each micro-step's
+    gradient into the average (decay by `momentum` at a window's first
+    micro-step, then add `(1 - momentum) / N` times each gradient) and
+    moves at every `N`-th micro-step, as Keras's accumulate-then-step does
+    up to float rounding. With clipping, which Keras applies to the
+    window's mean, Soma keeps Keras's accumulator.
+
     Example:
 
     ```python
@@ -108,7 +117,10 @@ class Soma(KerasSomaOptimizer):
             and is counted in `optimizer.skipped_steps`. If `False`, a NaN
             gradient makes the average, and from then on the parameter,
             NaN; an Inf gradient sets the average to +-Inf, so the parameter
-            moves in that direction from then on. Defaults to `False`.
+            moves in that direction from then on. With
+            `gradient_accumulation_steps`, a micro-step holding NaN or Inf
+            is counted and its gradients count as zeros (the window still
+            steps). Defaults to `False`.
         {{fused_arg}}
         lazy_sparse_updates: Bool. How a sparse gradient that names
             whole rows is applied: the `tf.IndexedSlices` an `Embedding`
@@ -123,7 +135,8 @@ class Soma(KerasSomaOptimizer):
             more than once gets the sum of its gradients): the other rows
             keep their weights and averages, weight decay included, and a
             step costs time in proportion to those rows rather than to the
-            table. Defaults to `False`.
+            table. Cannot be combined with `gradient_accumulation_steps`.
+            Defaults to `False`.
         {{base_optimizer_keyword_args}}
 
     References:
