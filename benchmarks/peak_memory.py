@@ -60,7 +60,15 @@ TARGET_WEIGHT_FRACTION = 0.02
 OPTIMIZERS = {
     "sgd": ("Keras SGD", lambda: keras.optimizers.SGD(0.01)),
     "adam": ("Keras Adam", keras.optimizers.Adam),
+    "adam-accum4": (
+        "Keras Adam, 4 accumulation steps",
+        lambda: keras.optimizers.Adam(gradient_accumulation_steps=4),
+    ),
     "lion": ("Keras Lion", keras.optimizers.Lion),
+    "lion-accum4": (
+        "Keras Lion, 4 accumulation steps",
+        lambda: keras.optimizers.Lion(gradient_accumulation_steps=4),
+    ),
     "adagrad": ("Keras Adagrad", keras.optimizers.Adagrad),
     "adafactor": ("Keras Adafactor", keras.optimizers.Adafactor),
     "soma": ("Soma", keras_soma.Soma),
@@ -69,6 +77,10 @@ OPTIMIZERS = {
         lambda: keras_soma.Soma(momentum_dtype="bfloat16"),
     ),
     "soma-lazy": ("Soma lazy rows", lambda: keras_soma.Soma(lazy_sparse_updates=True)),
+    "soma-accum4": (
+        "Soma, 4 accumulation steps",
+        lambda: keras_soma.Soma(gradient_accumulation_steps=4),
+    ),
     "gradsign": ("GradSign", keras_soma.GradSign),
     "gradsign-lazy": (
         "GradSign lazy rows",
@@ -82,6 +94,7 @@ KERAS_SOMA_OPTIMIZERS = [
     "soma",
     "soma-bf16",
     "soma-lazy",
+    "soma-accum4",
     "gradsign",
     "gradsign-lazy",
     "sm3-m0",

@@ -11,7 +11,8 @@
   it, and writes the results back, fused into one XLA kernel per variable
   on TensorFlow where Keras would otherwise run it op by op;
 * `skip_nonfinite`: a step whose gradients hold NaN or Inf leaves the
-  variables and the state untouched and is counted.
+  variables and the state untouched and is counted (with
+  `gradient_accumulation_steps`, its gradients count as zeros instead).
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
             )
         _common.check_bool("skip_nonfinite", skip_nonfinite)
         _common.check_optional_bool("fused", fused)
+        _check_accumulation(
+            kwargs.get("gradient_accumulation_steps"), lazy_sparse_updates
+        )
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.skip_nonfinite = skip_nonfinite
         self.fused = fused
@@ -214,7 +218,20 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self):
                 self.build(variables)
         finite = _common.all_finite(_sparse.values_of(gradient) for gradient in grads)
-        self._step_is_finite = finite
+        if self.gradient_accumulation_steps:
+            # Skipping a whole window would take a copy of the state as it
+            # was before the window; instead a non-finite micro-step's
+            # gradients count as zeros, and the window steps as usual.
+            grads = [
+                _sparse.map_values(
+                    gradient,
+                    lambda values: ops.where(finite, values, ops.zeros_like(values)),
+                )
+                for gradient in grads
+            ]
+            self._step_is_finite = None
+        else:
+            self._step_is_finite = finite
         try:
             super().apply(grads, trainable_variables)
         finally:
@@ -433,6 +450,23 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         if self._offers_lazy_sparse_updates:
             config["lazy_sparse_updates"] = self.lazy_sparse_updates
         return config
+
+
+def _check_accumulation(steps, lazy_sparse_updates) -> None:
+    """Checks `gradient_accumulation_steps` (None, or an int >= 2) and
+    refuses it with `lazy_sparse_updates=True`."""
+    if steps is None:
+        return
+    _common.check_integer("gradient_accumulation_steps", steps, 2)
+    if lazy_sparse_updates:
+        raise ValueError(
+            "Argument `lazy_sparse_updates` must be False when "
+            "`gradient_accumulation_steps` is set (the micro-steps of a "
+            "window touch different rows, and updating only the rows of "
+            "their mean would take a record of the rows each window "
+            f"touched); received: lazy_sparse_updates={lazy_sparse_updates!r}, "
+            f"gradient_accumulation_steps={steps!r}"
+        )
 
 
 class _KernelBatch:

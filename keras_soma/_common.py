@@ -159,10 +159,14 @@ BASE_KEYWORD_ARGS = """name: String. The name to use for momentum accumulator
         loss_scale_factor: Float or `None`. If a float, the loss is
             multiplied by it before gradients are computed and the gradients
             are divided by it before the update. Defaults to `None`.
-        gradient_accumulation_steps: Int or `None`. If an int, gradients
-            are accumulated for this many steps and the update (and the
-            optimizer state) moves once every that many steps, with the
-            mean of the accumulated gradients."""
+        gradient_accumulation_steps: Int >= 2 or `None`. If an int, the
+            variables move once every that many steps (micro-steps), with
+            the mean of their gradients, clipped and decayed once, as in
+            Keras; `iterations` counts these windows, while a schedule
+            sees every micro-step. Keras keeps a gradient accumulator the
+            size of the variables for it; Soma folds the window into its
+            moving average instead. With `skip_nonfinite`, a micro-step's
+            non-finite gradients count as zeros."""
 
 
 def insert_base_keyword_args(cls):

@@ -99,6 +99,109 @@ def soma_step(
     return (variable - step).astype(dtype), {"momentum": average}
 
 
+def clip_gradients(
+    gradients: list,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    global_clipnorm: float | None = None,
+) -> list:
+    """Keras's gradient clipping of one step's gradients (one option at
+    most; values <= 0 are ignored, as Keras does): each gradient to norm
+    `clipnorm`, all of them together to norm `global_clipnorm`, or each
+    element to +-`clipvalue`; computed in float32."""
+    gradients = [np.asarray(gradient, np.float32) for gradient in gradients]
+
+    def norm(values):
+        return np.sqrt(np.sum(np.square(values), dtype=np.float32))
+
+    if clipnorm is not None and clipnorm > 0:
+        bound = np.float32(clipnorm)
+        return [g * bound / np.maximum(norm(g), bound) for g in gradients]
+    if global_clipnorm is not None and global_clipnorm > 0:
+        bound = np.float32(global_clipnorm)
+        total = np.sqrt(sum(np.square(norm(g)) for g in gradients))
+        return [g * (bound / np.maximum(total, bound)) for g in gradients]
+    if clipvalue is not None and clipvalue > 0:
+        bound = np.float32(clipvalue)
+        return [np.clip(g, -bound, bound) for g in gradients]
+    return gradients
+
+
+def soma_accumulated_steps(
+    variables: list,
+    gradients: list,
+    states: list,
+    learning_rate,
+    weight_decay: float | None = None,
+    momentum: float = 0.95,
+    momentum_dtype: str = "float32",
+    accumulation_steps: int = 1,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    global_clipnorm: float | None = None,
+    skip_nonfinite: bool = False,
+) -> tuple[list, list, int]:
+    """Soma on several variables with Keras's gradient accumulation, as
+    Keras runs it with an accumulator: micro-step by micro-step.
+
+    Each micro-step's gradients are summed; at every `accumulation_steps`-th
+    micro-step the sums are divided by `accumulation_steps`, clipped as
+    Keras clips one step's gradients, and `soma_step` applies that mean
+    (weight decay included) with the learning rate of that micro-step; the
+    sums restart at zero. A trailing partial window has not stepped.
+    `accumulation_steps=1` is Soma without accumulation.
+
+    With `skip_nonfinite`, a micro-step in which any gradient holds NaN or
+    Inf is counted; without accumulation it is skipped (nothing changes),
+    with accumulation its gradients count as zeros.
+
+    Args:
+        variables: One array per variable.
+        gradients: One list per micro-step, of one gradient per variable.
+        states: One `soma_init` state per variable.
+        learning_rate: A float, or a function of the number of micro-steps
+            before the current one (what Keras passes a schedule).
+        accumulation_steps: The window length, `gradient_accumulation_steps`.
+
+    Returns:
+        `(variables, states, skipped)`: the values after the last
+        micro-step and how many micro-steps held non-finite gradients.
+    """
+    variables = list(variables)
+    states = list(states)
+    sums = [np.zeros(np.shape(v), np.float32) for v in variables]
+    skipped = 0
+    for index, step_gradients in enumerate(gradients):
+        step_gradients = [np.asarray(g, np.float32) for g in step_gradients]
+        if skip_nonfinite and not all(np.isfinite(g).all() for g in step_gradients):
+            skipped += 1
+            if accumulation_steps == 1:
+                continue
+            step_gradients = [np.zeros_like(g) for g in step_gradients]
+        sums = [total + g for total, g in zip(sums, step_gradients)]
+        if (index + 1) % accumulation_steps:
+            continue
+        means = [total / np.float32(accumulation_steps) for total in sums]
+        means = clip_gradients(means, clipnorm, clipvalue, global_clipnorm)
+        rate = learning_rate(index) if callable(learning_rate) else learning_rate
+        stepped = [
+            soma_step(
+                variable,
+                mean,
+                state,
+                rate,
+                weight_decay=weight_decay,
+                momentum=momentum,
+                momentum_dtype=momentum_dtype,
+            )
+            for variable, mean, state in zip(variables, means, states)
+        ]
+        variables = [variable for variable, _ in stepped]
+        states = [state for _, state in stepped]
+        sums = [np.zeros_like(total) for total in sums]
+    return variables, states, skipped
+
+
 # ---------------------------------------------------------------------------
 # GradSign
 # ---------------------------------------------------------------------------

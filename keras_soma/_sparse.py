@@ -165,3 +165,41 @@ def rows_written(variable, rows, indices):
     if backend == "jax":
         return value.at[indices].set(rows, mode="drop")
     return ops.scatter_update(value, ops.expand_dims(indices, 1), rows)
+
+
+def map_values(gradient, function):
+    """`gradient` with `function` applied to the numbers it holds, in the
+    same form: a dense tensor, or a row-sliced or COO gradient with the
+    same indices (other sparse forms are made dense first). `function`
+    works element-wise."""
+    if gradient is None:
+        return None
+    if not is_sparse(gradient):
+        return function(gradient)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.IndexedSlices(
+            function(gradient.values), gradient.indices, gradient.dense_shape
+        )
+    if backend == "jax":
+        from jax.experimental import sparse as jax_sparse
+
+        if isinstance(gradient, jax_sparse.BCOO):
+            return jax_sparse.BCOO(
+                (function(gradient.data), gradient.indices), shape=gradient.shape
+            )
+        return function(gradient.todense())
+    import torch
+
+    if gradient.layout == torch.sparse_coo:
+        gradient = gradient.coalesce()
+        return torch.sparse_coo_tensor(
+            gradient.indices(),
+            function(gradient.values()),
+            gradient.shape,
+            is_coalesced=True,
+            check_invariants=False,
+        )
+    return function(gradient.to_dense())

@@ -89,6 +89,7 @@ class GradSign(KerasSomaOptimizer):
             gets the sum of its gradients): the other rows keep their
             weights and counters, weight decay included, and a step costs
             time in proportion to those rows rather than to the table.
+            Cannot be combined with `gradient_accumulation_steps`.
             Defaults to `False`.
         {{base_optimizer_keyword_args}}
 

@@ -27,6 +27,46 @@ def soma_update(value, gradient, momentum_value, learning_rate, momentum):
     return ops.subtract(value, step), average
 
 
+def soma_micro_step(
+    value, gradient, momentum_value, learning_rate, momentum, steps, starts
+):
+    """One micro-step of Soma with gradient accumulation, folded into the
+    moving average instead of an accumulator.
+
+    At a window's first micro-step (`starts`, a scalar bool) the average
+    decays by `momentum`; every micro-step adds `(1 - momentum) / steps`
+    times its gradient. After the window's `steps` micro-steps the average
+    is `momentum * m + (1 - momentum) * mean(g)`, what `soma_update` makes
+    of the window's mean gradient, and the variable returned is moved by
+    the sign of it (the caller keeps that move at the window's last
+    micro-step only). Conversions saturate as in `soma_update`.
+    """
+    average = ops.cast(momentum_value, "float32")
+    average = ops.where(starts, ops.multiply(average, momentum), average)
+    average = ops.add(
+        average,
+        ops.multiply(
+            _common.saturating_cast(gradient, "float32"), (1.0 - momentum) / steps
+        ),
+    )
+    average = _common.saturating_cast(average, momentum_value.dtype)
+    step = ops.multiply(learning_rate, ops.sign(ops.cast(average, value.dtype)))
+    return ops.subtract(value, step), average
+
+
+def _clips(optimizer) -> bool:
+    """Whether Keras clips the optimizer's gradients (it ignores values
+    <= 0)."""
+    return any(
+        value is not None and value > 0
+        for value in (
+            optimizer.clipnorm,
+            optimizer.clipvalue,
+            optimizer.global_clipnorm,
+        )
+    )
+
+
 @_common.register
 class Soma(KerasSomaOptimizer):
     """Soma: the sign of a moving average of the gradient.
@@ -46,6 +86,15 @@ class Soma(KerasSomaOptimizer):
 
     Memory: 4 bytes of state per parameter (2 with
     `momentum_dtype="bfloat16"`); Adam keeps 8.
+
+    Gradient accumulation costs no memory: with
+    `gradient_accumulation_steps=N` Soma keeps no gradient accumulator
+    (Keras's costs 4 bytes per parameter) but folds each micro-step's
+    gradient into the average (decay by `momentum` at a window's first
+    micro-step, then add `(1 - momentum) / N` times each gradient) and
+    moves at every `N`-th micro-step, as Keras's accumulate-then-step does
+    up to float rounding. With clipping, which Keras applies to the
+    window's mean, Soma keeps Keras's accumulator.
 
     Example:
 
@@ -68,7 +117,10 @@ class Soma(KerasSomaOptimizer):
             and is counted in `optimizer.skipped_steps`. If `False`, a NaN
             gradient makes the average, and from then on the parameter,
             NaN; an Inf gradient sets the average to +-Inf, so the parameter
-            moves in that direction from then on. Defaults to `False`.
+            moves in that direction from then on. With
+            `gradient_accumulation_steps`, a micro-step holding NaN or Inf
+            is counted and its gradients count as zeros (the window still
+            steps). Defaults to `False`.
         {{fused_arg}}
         lazy_sparse_updates: Bool. How a sparse gradient that names
             whole rows is applied: the `tf.IndexedSlices` an `Embedding`
@@ -83,7 +135,8 @@ class Soma(KerasSomaOptimizer):
             more than once gets the sum of its gradients): the other rows
             keep their weights and averages, weight decay included, and a
             step costs time in proportion to those rows rather than to the
-            table. Defaults to `False`.
+            table. Cannot be combined with `gradient_accumulation_steps`.
+            Defaults to `False`.
         {{base_optimizer_keyword_args}}
 
     References:
@@ -121,29 +174,119 @@ class Soma(KerasSomaOptimizer):
         )
         self.momentum = momentum
         self.momentum_dtype = momentum_dtype
+        # The window length when micro-gradients are folded into the
+        # average (gradient accumulation without clipping, which Keras
+        # applies to the window's mean and so needs the mean itself).
+        self._folded_steps = (
+            self.gradient_accumulation_steps
+            if self.gradient_accumulation_steps and not _clips(self)
+            else None
+        )
+        # Scalar bools, set while a folded micro-step is applied.
+        self._window_starts = None
+        self._window_ends = None
+
+    @property
+    def iterations(self):
+        # Windows, as Keras counts with accumulation, also while
+        # `_backend_apply_gradients` hides `gradient_accumulation_steps`
+        # from Keras's step (whose EMA reads this).
+        if getattr(self, "_folded_steps", None):
+            return ops.floor_divide(self._iterations, self._folded_steps)
+        return super().iterations
 
     def build(self, var_list):
-        """Creates one moving average per variable, the variable's shape."""
+        """Creates one moving average per variable, the variable's shape
+        (and, with gradient accumulation and clipping, Keras's gradient
+        accumulators)."""
         if self.built:
             return
-        super().build(var_list)
+        if self._folded_steps:
+            # Keras would add a gradient accumulator per variable; the
+            # average holds the window instead. Variables Keras overwrites
+            # with their gradient (float8 scales) keep theirs.
+            self.gradient_accumulation_steps = None
+            try:
+                super().build(var_list)
+            finally:
+                self.gradient_accumulation_steps = self._folded_steps
+            self._accumulated_gradients = [
+                self.add_variable_from_reference(variable, name="gradient_accumulator")
+                if self._overwrite_variable_with_gradient(variable)
+                else None
+                for variable in var_list
+            ]
+        else:
+            super().build(var_list)
         self._momentums = [
             self.add_slot(variable, "momentum", dtype=self.momentum_dtype)
             for variable in var_list
         ]
 
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        steps = self._folded_steps
+        if not steps:
+            super()._backend_apply_gradients(grads, trainable_variables)
+            return
+        if _clips(self):
+            raise ValueError(
+                "Clipping was set after a Soma with "
+                "`gradient_accumulation_steps` was made without it: that Soma "
+                "folds each micro-step's gradient into its average and has "
+                "no window mean to clip (Keras clips the mean). Pass "
+                "`clipnorm`, `clipvalue` or `global_clipnorm` to the "
+                "constructor instead (Soma then keeps Keras's gradient "
+                f"accumulator); received: clipnorm={self.clipnorm!r}, "
+                f"clipvalue={self.clipvalue!r}, "
+                f"global_clipnorm={self.global_clipnorm!r}"
+            )
+        # `_iterations` counts micro-steps and is incremented after this.
+        position = ops.mod(self._iterations, steps)
+        self._window_starts = ops.equal(position, 0)
+        self._window_ends = ops.equal(position, steps - 1)
+        # Keras's own step without its accumulator branch: weight decay,
+        # `update_step` for every variable, EMA (which reads `iterations`).
+        self.gradient_accumulation_steps = None
+        try:
+            super()._backend_apply_gradients(grads, trainable_variables)
+        finally:
+            self.gradient_accumulation_steps = steps
+            self._window_starts = None
+            self._window_ends = None
+
     def update_step(self, gradient, variable, learning_rate):
         """Moves `variable` by `learning_rate` times the sign of its
-        updated moving average."""
+        updated moving average (with folded gradient accumulation: folds
+        the micro-gradient into the average, and moves at a window's last
+        micro-step)."""
         momentum_value = self._momentums[self._get_variable_index(variable)]
+        if self._window_starts is None:
+            step_fn, hyperparameters = soma_update, (self.momentum,)
+        else:
+            step_fn = soma_micro_step
+            hyperparameters = (self.momentum, self._folded_steps, self._window_starts)
         self.update_with(
-            soma_update,
+            step_fn,
             variable,
             gradient,
             [momentum_value],
             learning_rate,
-            hyperparameters=(self.momentum,),
+            hyperparameters=hyperparameters,
         )
+
+    def _step_computation(self, step_fn, targets, hyperparameters):
+        compute = super()._step_computation(step_fn, targets, hyperparameters)
+        ends = self._window_ends
+        if ends is None:
+            return compute
+
+        def micro_step(values, gradient, learning_rate):
+            new_value, *state = compute(values, gradient, learning_rate)
+            # The variable (weight decay included) moves at a window's last
+            # micro-step only; the average takes every micro-step.
+            return [ops.where(ends, new_value, values[0]), *state]
+
+        return micro_step
 
     def get_config(self):
         config = super().get_config()

@@ -75,6 +75,8 @@ COMMON_BAD_ARGUMENTS = [
     ({"learning_rate": "fast"}, "learning_rate"),
     ({"skip_nonfinite": "yes"}, "skip_nonfinite"),
     ({"fused": 1}, "fused"),
+    ({"gradient_accumulation_steps": 1}, "gradient_accumulation_steps"),
+    ({"gradient_accumulation_steps": 2.5}, "gradient_accumulation_steps"),
 ]
 
 REGISTRY: dict[str, OptimizerSpec] = {}
@@ -107,6 +109,10 @@ register(
             ({"momentum_dtype": "int8"}, "momentum_dtype"),
             ({"momentum_dtype": "float64x"}, "momentum_dtype"),
             ({"lazy_sparse_updates": "yes"}, "lazy_sparse_updates"),
+            (
+                {"lazy_sparse_updates": True, "gradient_accumulation_steps": 2},
+                "lazy_sparse_updates",
+            ),
         ],
         config_case={
             "learning_rate": 3e-3,
@@ -129,7 +135,13 @@ register(
         fit_learning_rate=1e-2,
         bytes_per_parameter=[({}, 1.0)],
         bad_arguments=COMMON_BAD_ARGUMENTS
-        + [({"lazy_sparse_updates": 1}, "lazy_sparse_updates")],
+        + [
+            ({"lazy_sparse_updates": 1}, "lazy_sparse_updates"),
+            (
+                {"lazy_sparse_updates": True, "gradient_accumulation_steps": 2},
+                "lazy_sparse_updates",
+            ),
+        ],
         config_case={
             "learning_rate": 3e-3,
             "skip_nonfinite": True,

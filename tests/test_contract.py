@@ -221,6 +221,51 @@ def test_gradient_accumulation_equals_mean_gradient(spec):
 
 
 @pytest.mark.parametrize("spec", SPECS)
+def test_skip_nonfinite_with_accumulation_counts_micro_step_as_zero(spec):
+    """With `gradient_accumulation_steps`, skipping a whole window would
+    take a copy of the state from before it: a non-finite micro-step is
+    counted and its gradients count as zeros instead, so a NaN never
+    reaches the accumulator (GradSign, SM3, Soma with clipping) or the
+    folded average (Soma)."""
+    rng = np.random.default_rng(4)
+    start = rng.standard_normal((5, 4)).astype("float32")
+    gradients = [random_gradient(rng, (5, 4)) for _ in range(4)]
+    with_nan, with_inf = gradients[1].copy(), gradients[2].copy()
+    with_nan[0, 0], with_inf[1, 1] = np.nan, np.inf
+    zeros = np.zeros((5, 4), "float32")
+    for extra in ({}, {"clipnorm": 1.0}):
+        skipping, optimizer = two_steps(
+            spec,
+            [gradients[0], with_nan, with_inf, gradients[3]],
+            start,
+            gradient_accumulation_steps=2,
+            skip_nonfinite=True,
+            **extra,
+        )
+        expected, expected_optimizer = two_steps(
+            spec,
+            [gradients[0], zeros, zeros, gradients[3]],
+            start,
+            gradient_accumulation_steps=2,
+            **extra,
+        )
+        assert int(to_numpy(optimizer.skipped_steps)) == 2, extra
+        assert np.isfinite(to_numpy(skipping)).all(), extra
+        assert not np.array_equal(to_numpy(skipping), start), extra
+        np.testing.assert_allclose(
+            to_numpy(skipping), to_numpy(expected), rtol=1e-6, err_msg=str(extra)
+        )
+        for name, slot in expected_optimizer.get_slots(expected).items():
+            np.testing.assert_allclose(
+                to_numpy(optimizer.get_slots(skipping)[name]),
+                to_numpy(slot),
+                rtol=1e-6,
+                atol=1e-7,
+                err_msg=f"{name} {extra}",
+            )
+
+
+@pytest.mark.parametrize("spec", SPECS)
 def test_exclude_from_weight_decay(spec):
     keras.utils.set_random_seed(0)
     layer = keras.layers.Dense(3, bias_initializer="ones", name="dense")

@@ -189,6 +189,35 @@ def test_mirrored_state_follows_its_variable_and_training_equals_one_device(
 
 
 @requires_tensorflow
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"gradient_accumulation_steps": 2},
+        {"gradient_accumulation_steps": 4, "use_ema": True, "skip_nonfinite": True},
+    ],
+    ids=["accumulation", "accumulation-ema-skip"],
+)
+def test_mirrored_folded_accumulation_equals_one_device(arguments):
+    """Soma folds accumulation into its average under MirroredStrategy too
+    (no accumulator; the replicas trace Keras's step one after the other
+    while Soma hides `gradient_accumulation_steps` from it)."""
+    spec = REGISTRY["Soma"]
+    model, _ = train_tensorflow(spec, arguments, mirrored_strategy())
+    single, _ = train_tensorflow(spec, arguments)
+    optimizer = model.optimizer
+    steps = arguments["gradient_accumulation_steps"]
+    assert int(to_numpy(optimizer.iterations)) == 8 // steps
+    assert not any("gradient_accumulator" in v.path for v in optimizer.variables)
+    kernel = model.trainable_variables[0]
+    assert to_numpy(optimizer.get_slots(kernel)["momentum"]).any(), "no update"
+    for actual, expected in zip(model.trainable_variables, single.trainable_variables):
+        assert_values_close(to_numpy(actual), to_numpy(expected), actual.path)
+    assert len(optimizer.variables) == len(single.optimizer.variables)
+    for actual, expected in zip(optimizer.variables, single.optimizer.variables):
+        assert_values_close(to_numpy(actual), to_numpy(expected), actual.path)
+
+
+@requires_tensorflow
 @pytest.mark.parametrize("spec", SPARSE_SPECS)
 def test_mirrored_row_path_equals_one_device(spec):
     """An Embedding's row-sliced gradients, all-reduced by the strategy,

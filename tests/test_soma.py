@@ -7,6 +7,7 @@ from helpers import make_stepper, modes_for_backend, random_gradient, to_numpy
 
 import keras_soma
 from keras_soma import _reference
+from keras_soma.memory import state_bytes_per_parameter
 
 
 def stepped(optimizer, start, gradients, mode="eager"):
@@ -109,3 +110,347 @@ def test_skip_nonfinite_leaves_everything_untouched_and_counts(mode):
 
 def test_skipped_steps_is_none_when_option_is_off():
     assert keras_soma.Soma().skipped_steps is None
+
+
+# ---------------------------------------------------------------------------
+# Gradient accumulation folded into the average
+# ---------------------------------------------------------------------------
+
+# 0-D to 3-D variables, trained together (global_clipnorm spans them all).
+ACCUMULATION_SHAPES = [(), (5,), (4, 3), (2, 3, 2)]
+WINDOWS = 3
+
+
+def accumulation_modes():
+    """Eager and traced (tf.function with and without the fused kernel,
+    jax.jit over stateless_apply); torch runs eagerly."""
+    if keras.backend.backend() == "torch":
+        return ["eager"]
+    return modes_for_backend()
+
+
+def nonfinite_gradients(rng, shapes, count, bad_steps):
+    """`count` micro-steps of gradients; at the micro-steps `bad_steps`
+    one element of one variable is NaN or Inf."""
+    steps = [[random_gradient(rng, shape) for shape in shapes] for _ in range(count)]
+    for position, index in enumerate(bad_steps):
+        gradient = steps[index][position % len(shapes)]
+        gradient.reshape(-1)[0] = np.nan if position % 2 == 0 else np.inf
+    return steps
+
+
+def accumulating_optimizer(steps, mode, **kwargs):
+    if mode == "compiled_unfused":
+        kwargs["fused"] = False
+    return keras_soma.Soma(
+        gradient_accumulation_steps=None if steps == 1 else steps, **kwargs
+    )
+
+
+ACCUMULATION_CASES = [
+    {},
+    {"weight_decay": 0.3},
+    {"clipnorm": 0.5},
+    {"global_clipnorm": 0.8},
+    {"clipvalue": 0.2, "momentum": 0.5},
+    {"skip_nonfinite": True, "weight_decay": 0.3},
+    {"skip_nonfinite": True, "global_clipnorm": 0.8},
+]
+
+
+@pytest.mark.parametrize("mode", accumulation_modes())
+@pytest.mark.parametrize("case", ACCUMULATION_CASES, ids=lambda c: str(c) or "plain")
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_accumulation_matches_reference(steps, case, mode):
+    """Three windows against `_reference.soma_accumulated_steps`: the
+    variables move at each window's last micro-step only, and then they
+    and the averages equal Keras's accumulate-then-step."""
+    rng = np.random.default_rng(steps)
+    starts = [
+        rng.standard_normal(shape).astype("float32") for shape in ACCUMULATION_SHAPES
+    ]
+    count = WINDOWS * steps
+    # Non-finite micro-steps at a window's start, middle and end (without
+    # accumulation: one step of three).
+    bad = sorted({0, count // 2, count - 1}) if steps > 1 else [1]
+    if not case.get("skip_nonfinite"):
+        bad = []
+    gradients = nonfinite_gradients(rng, ACCUMULATION_SHAPES, count, bad)
+    variables = [
+        keras.Variable(start, name=f"weights_{index}")
+        for index, start in enumerate(starts)
+    ]
+    optimizer = accumulating_optimizer(steps, mode, learning_rate=0.01, **case)
+    optimizer.build(variables)
+    step = make_stepper(optimizer, variables, mode)
+    reference_case = {
+        key: value for key, value in case.items() if key != "skip_nonfinite"
+    }
+
+    before = starts
+    for index, micro_gradients in enumerate(gradients):
+        step(micro_gradients)
+        if (index + 1) % steps:
+            for variable, value in zip(variables, before):
+                np.testing.assert_array_equal(
+                    to_numpy(variable), value, err_msg=f"moved at micro-step {index}"
+                )
+            continue
+        expected, states, skipped = _reference.soma_accumulated_steps(
+            starts,
+            gradients[: index + 1],
+            [_reference.soma_init(start) for start in starts],
+            0.01,
+            accumulation_steps=steps,
+            skip_nonfinite=bool(case.get("skip_nonfinite")),
+            **reference_case,
+        )
+        for variable, value, state in zip(variables, expected, states):
+            np.testing.assert_allclose(
+                to_numpy(variable),
+                value,
+                rtol=1e-6,
+                atol=1e-6,
+                err_msg=f"variable after window {(index + 1) // steps}",
+            )
+            np.testing.assert_allclose(
+                to_numpy(optimizer.get_slots(variable)["momentum"]),
+                state["momentum"],
+                rtol=1e-5,
+                atol=1e-7,
+                err_msg=f"average after window {(index + 1) // steps}",
+            )
+        if case.get("skip_nonfinite"):
+            assert int(to_numpy(optimizer.skipped_steps)) == skipped
+        before = [to_numpy(variable).copy() for variable in variables]
+    assert int(to_numpy(optimizer.iterations)) == WINDOWS
+    assert not np.allclose(to_numpy(variables[2]), starts[2]), "nothing moved"
+
+
+@pytest.mark.parametrize("mode", accumulation_modes())
+@pytest.mark.parametrize(
+    "case",
+    [
+        {},
+        {"weight_decay": 0.2},
+        {"global_clipnorm": 0.5},
+        {"use_ema": True, "ema_momentum": 0.5, "ema_overwrite_frequency": 2},
+    ],
+    ids=lambda c: str(c) or "plain",
+)
+@pytest.mark.parametrize("steps", [2, 4])
+def test_accumulation_equals_keras_lion(steps, case, mode):
+    """Soma(b) is Keras's Lion(b, b): with `gradient_accumulation_steps`
+    too, where Soma keeps no accumulator and Lion keeps Keras's, after
+    every micro-step (and with a schedule: Keras's learning rate reads
+    the micro-step count)."""
+    rng = np.random.default_rng(7)
+    starts = [
+        rng.standard_normal(shape).astype("float32") for shape in ACCUMULATION_SHAPES
+    ]
+    gradients = [
+        [random_gradient(rng, shape) for shape in ACCUMULATION_SHAPES]
+        for _ in range(WINDOWS * steps + 1)
+    ]
+
+    def trained(optimizer):
+        variables = [keras.Variable(start) for start in starts]
+        optimizer.build(variables)
+        step = make_stepper(optimizer, variables, mode)
+        history = []
+        for micro_gradients in gradients:
+            step(micro_gradients)
+            history.append([to_numpy(variable).copy() for variable in variables])
+        return history, int(to_numpy(optimizer.iterations))
+
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.01, 1, 0.7)
+    arguments = dict(case, learning_rate=schedule, gradient_accumulation_steps=steps)
+    if mode == "compiled_unfused":
+        arguments["fused"] = False
+    soma, soma_iterations = trained(keras_soma.Soma(momentum=0.9, **arguments))
+    arguments.pop("fused", None)
+    lion, lion_iterations = trained(
+        keras.optimizers.Lion(beta_1=0.9, beta_2=0.9, **arguments)
+    )
+    assert soma_iterations == lion_iterations == WINDOWS
+    for index, (soma_values, lion_values) in enumerate(zip(soma, lion)):
+        for soma_value, lion_value in zip(soma_values, lion_values):
+            np.testing.assert_allclose(
+                soma_value,
+                lion_value,
+                rtol=1e-6,
+                atol=1e-7,
+                err_msg=f"after micro-step {index}",
+            )
+    assert not np.allclose(soma[-1][2], starts[2])
+
+
+@pytest.mark.parametrize(
+    "arguments,expected",
+    [
+        ({}, 4.0),
+        ({"momentum_dtype": "bfloat16"}, 2.0),
+        # Keras clips a window's mean gradient: Soma keeps its accumulator.
+        ({"clipnorm": 1.0}, 8.0),
+    ],
+)
+def test_accumulation_builds_no_accumulator(arguments, expected):
+    variables = [keras.Variable(np.zeros(shape, "float32")) for shape in [(6, 4), (4,)]]
+    optimizer = keras_soma.Soma(gradient_accumulation_steps=4, **arguments)
+    optimizer.build(variables)
+    assert state_bytes_per_parameter(optimizer, variables) == expected, (
+        "Keras's Optimizer.build made gradient accumulators although Soma "
+        "hid `gradient_accumulation_steps` from it"
+        if expected < 8
+        else "no accumulator with clipping"
+    )
+    accumulators = [v for v in optimizer.variables if "gradient_accumulator" in v.path]
+    assert len(accumulators) == (2 if "clipnorm" in arguments else 0)
+
+
+def test_accumulation_goes_through_keras_backend_apply_gradients(monkeypatch):
+    """Soma folds accumulation by overriding Keras's private
+    `_backend_apply_gradients` (and hiding `gradient_accumulation_steps`
+    from it while it runs Keras's plain step)."""
+    calls = []
+    original = keras_soma.Soma._backend_apply_gradients
+
+    def spy(self, grads, trainable_variables):
+        calls.append(self.gradient_accumulation_steps)
+        return original(self, grads, trainable_variables)
+
+    monkeypatch.setattr(keras_soma.Soma, "_backend_apply_gradients", spy)
+    variable = keras.Variable(np.zeros((3,), "float32"))
+    optimizer = keras_soma.Soma(0.1, momentum=0.5, gradient_accumulation_steps=2)
+    optimizer.build([variable])
+    gradient = np.array([1.0, -1.0, 0.0], "float32")
+    optimizer.apply([gradient], [variable])
+    assert calls == [2], (
+        "Keras's Optimizer.apply no longer calls `_backend_apply_gradients`: "
+        "Soma's folded gradient accumulation (keras_soma/soma.py) must move "
+        "to the hook that replaced it"
+    )
+    np.testing.assert_array_equal(to_numpy(variable), np.zeros(3))
+    np.testing.assert_allclose(
+        to_numpy(optimizer.get_slots(variable)["momentum"]),
+        [0.25, -0.25, 0.0],
+        err_msg="Keras's `_backend_apply_gradients` took its accumulator branch "
+        "although Soma set `gradient_accumulation_steps` to None around it",
+    )
+    optimizer.apply([gradient], [variable])
+    np.testing.assert_allclose(to_numpy(variable), [-0.1, 0.1, 0.0])
+    assert optimizer.gradient_accumulation_steps == 2
+
+
+def test_accumulation_keeps_keras_overwrite_with_gradient_variables():
+    """Variables Keras overwrites with their gradient (float8 scales) keep
+    Keras's accumulator and rule (the largest gradient of the window)."""
+
+    def trained(optimizer):
+        weights = keras.Variable(np.zeros((3,), "float32"))
+        scale = keras.Variable(np.ones((2,), "float32"))
+        scale.overwrite_with_gradient = True
+        optimizer.build([weights, scale])
+        values = []
+        for gradient in ([3.0, 1.0], [2.0, 5.0], [4.0, 0.5], [1.0, 1.0]):
+            optimizer.apply(
+                [
+                    keras.ops.ones((3,)),
+                    keras.ops.convert_to_tensor(gradient, "float32"),
+                ],
+                [weights, scale],
+            )
+            values.append(to_numpy(scale).copy())
+        return values, optimizer
+
+    soma_values, soma = trained(keras_soma.Soma(gradient_accumulation_steps=2))
+    lion_values, _ = trained(
+        keras.optimizers.Lion(beta_1=0.95, beta_2=0.95, gradient_accumulation_steps=2)
+    )
+    for index, (actual, expected) in enumerate(zip(soma_values, lion_values)):
+        np.testing.assert_array_equal(
+            actual,
+            expected,
+            err_msg=f"micro-step {index}: Keras's handling of "
+            "`overwrite_with_gradient` variables with accumulation "
+            "(`_overwrite_variables_directly_with_gradients`, "
+            "`_accumulated_gradients`) changed",
+        )
+    np.testing.assert_array_equal(soma_values[1], [3.0, 5.0])
+
+
+def test_accumulation_config_round_trip():
+    optimizer = keras_soma.Soma(gradient_accumulation_steps=4, momentum=0.9)
+    config = optimizer.get_config()
+    assert config["gradient_accumulation_steps"] == 4
+    restored = keras_soma.Soma.from_config(config)
+    assert restored.get_config() == config
+    variable = keras.Variable(np.zeros((5,), "float32"))
+    restored.build([variable])
+    assert state_bytes_per_parameter(restored, [variable]) == 4.0
+
+
+def test_accumulation_refuses_lazy_rows():
+    with pytest.raises(ValueError) as raised:
+        keras_soma.Soma(lazy_sparse_updates=True, gradient_accumulation_steps=2)
+    message = str(raised.value)
+    assert "`lazy_sparse_updates` must be False" in message
+    assert "gradient_accumulation_steps=2" in message
+
+
+def test_clipping_set_after_construction_is_refused():
+    variable = keras.Variable(np.zeros((3,), "float32"))
+    optimizer = keras_soma.Soma(gradient_accumulation_steps=2)
+    optimizer.build([variable])
+    optimizer.clipnorm = 1.0
+    with pytest.raises(ValueError, match="clipnorm=1.0"):
+        optimizer.apply([np.ones(3, "float32")], [variable])
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_accumulation_in_fit_equals_keras_lion(jit_compile):
+    """`fit` (tf.function with the fused kernel, or XLA; jax.jit; torch)
+    with accumulation, EMA and a schedule: Soma's weights and averages
+    are Lion(b, b)'s."""
+    rng = np.random.default_rng(0)
+    inputs = rng.standard_normal((96, 8)).astype("float32")
+    targets = rng.standard_normal((96, 1)).astype("float32")
+
+    def fitted(optimizer):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input((8,)),
+                keras.layers.Dense(16, activation="tanh"),
+                keras.layers.Dense(1),
+            ]
+        )
+        model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
+        # 12 batches: 4 windows of 3.
+        model.fit(inputs, targets, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        return model
+
+    arguments = dict(
+        learning_rate=keras.optimizers.schedules.ExponentialDecay(0.01, 2, 0.8),
+        gradient_accumulation_steps=3,
+        use_ema=True,
+        ema_momentum=0.6,
+    )
+    soma = fitted(keras_soma.Soma(momentum=0.9, **arguments))
+    lion = fitted(keras.optimizers.Lion(beta_1=0.9, beta_2=0.9, **arguments))
+    assert int(to_numpy(soma.optimizer.iterations)) == 4
+    for soma_weight, lion_weight in zip(soma.weights, lion.weights):
+        np.testing.assert_allclose(
+            to_numpy(soma_weight), to_numpy(lion_weight), rtol=1e-6, atol=1e-7
+        )
+    soma_kernel = soma.layers[0].kernel
+    lion_kernel = lion.layers[0].kernel
+    np.testing.assert_allclose(
+        to_numpy(soma.optimizer.get_slots(soma_kernel)["momentum"]),
+        to_numpy(
+            lion.optimizer._momentums[lion.optimizer._get_variable_index(lion_kernel)]
+        ),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    assert state_bytes_per_parameter(soma.optimizer, soma.trainable_variables) == 8.0
