@@ -30,6 +30,10 @@ sys.path.insert(
 
 import fashion_mnist_common as common  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _report  # noqa: E402
+
 OPTIMIZERS = ["soma", "gradsign", "sm3", "lion", "adam"]
 
 
@@ -68,34 +72,21 @@ def main(argv=None):
             model.fit(train, epochs=1, verbose=0)
             seconds[name].append(time.perf_counter() - start)
             print(f"epoch {epoch + 1}: {name:8s} {seconds[name][-1]:.2f} s", flush=True)
-    import platform
-    import shlex
-
-    command = "python " + " ".join(
-        shlex.quote(part) for part in ["benchmarks/fit_speed.py", *sys.argv[1:]]
-    )
     medians = {name: statistics.median(values) for name, values in seconds.items()}
-    lines = [
-        "| optimizer | s / epoch | x Keras Lion | x Keras Adam |",
-        "|---|---|---|---|",
-    ]
+    rows = []
     for name, value in medians.items():
         lion = f"{value / medians['lion']:.2f}" if "lion" in medians else "-"
         adam = f"{value / medians['adam']:.2f}" if "adam" in medians else "-"
-        lines.append(
-            f"| {common.DISPLAY_NAMES[name]} | {value:.2f} | {lion} | {adam} |"
-        )
-    lines.append(
-        f"\nProduced by `{command}`: Keras {keras.__version__}, "
-        f"{keras.backend.backend()} backend, {platform.machine()}, "
-        f"{os.cpu_count()} CPU cores; median of {args.epochs} epochs, "
-        f"batch {args.batch_size}."
+        rows.append([common.DISPLAY_NAMES[name], f"{value:.2f}", lion, adam])
+    table = _report.markdown_table(
+        ["optimizer", "s / epoch", "x Keras Lion", "x Keras Adam"], rows
     )
-    report = "\n".join(lines)
-    print("\n" + report)
-    if args.output:
-        with open(args.output, "w") as handle:
-            handle.write(report + "\n")
+    command = _report.command_line("benchmarks/fit_speed.py", argv)
+    method = f"median of {args.epochs} epochs, batch {args.batch_size}."
+    print()
+    report = _report.Report()
+    report.emit(table + "\n\n" + _report.provenance(command, method))
+    report.write(args.output)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ momentum=0.9), once with a dense gradient of the whole table and once with
 a `tf.IndexedSlices` gradient touching 512 rows (576 gradient rows, 64 of
 them repeats, summed first), as an Embedding layer produces. Both run in a
 `tf.function`, as in `fit`; the dense step runs as the fused XLA kernel
-keras_soma uses there. The row path reads and
-writes only the touched rows, so its cost should not depend on the table
-size: the target is a row step of at most 5% of a dense step.
+keras_soma uses there. The row path reads and writes only the touched
+rows, so its cost should not depend on the table size: the target is a row
+step of at most 5% of a dense step.
 
 TensorFlow only (on JAX gradients are always dense).
 Run time: about 30 s on a 2-core CPU, 1.5 GB of memory.

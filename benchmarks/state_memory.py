@@ -23,6 +23,10 @@ sys.path.insert(
 
 import fashion_mnist_common as common  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _report  # noqa: E402
+
 import keras_soma  # noqa: E402
 from keras_soma.memory import state_bytes_per_parameter  # noqa: E402
 
@@ -45,25 +49,21 @@ CONFIGURATIONS = [
 
 def main():
     models = {"MLP": common.build_mlp(), "CNN": common.build_cnn()}
-    header = (
-        "| optimizer | "
-        + " | ".join(
-            f"{name} bytes / param ({models[name].count_params():,} params)"
-            for name in models
-        )
-        + " |"
-    )
-    print(header)
-    print("|---" * (len(models) + 1) + "|")
+    header = ["optimizer"] + [
+        f"{name} bytes / param ({models[name].count_params():,} params)"
+        for name in models
+    ]
+    rows = []
     for label, factory in CONFIGURATIONS:
-        cells = []
+        cells = [label]
         for model in models.values():
             optimizer = factory()
             optimizer.build(model.trainable_variables)
             cells.append(
                 f"{state_bytes_per_parameter(optimizer, model.trainable_variables):.4f}"
             )
-        print(f"| {label} | " + " | ".join(cells) + " |")
+        rows.append(cells)
+    print(_report.markdown_table(header, rows))
     print(f"\nKeras {keras.__version__}, {keras.backend.backend()} backend.")
 
 

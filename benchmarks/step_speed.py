@@ -3,26 +3,34 @@
 What it measures: the time of one `optimizer.apply` over 16M float32
 parameters in four 2048 x 2048 matrices (and over the soma paper's CNN
 variables, where per-variable overhead dominates), in the configuration
-users run: on TensorFlow a `tf.function` with XLA off (what `fit` does with
-its default `jit_compile="auto"` on CPU, under tf.distribute and with op
-determinism) and, for comparison, with XLA on; on JAX a `jax.jit` step.
+users run and, for comparison, compiled:
+
+* TensorFlow: a `tf.function` with XLA off (what `fit` does with its
+  default `jit_compile="auto"` on CPU, under tf.distribute and with op
+  determinism) and with XLA on;
+* JAX: a `jax.jit` step;
+* torch: eager, under `torch.no_grad()` (what `fit` does with its default
+  `jit_compile="auto"`, which is eager on torch) and `torch.compile`d (what
+  `fit` does with `jit_compile=True`).
 
 An element-wise step is memory-bound. Its floor is the time of a copy
-moving the same bytes, measured in the same run by an XLA kernel that
-reads the variable, the gradient and every state tensor and writes the
-variable and the state back. Each row gives ms per step, parameters per
-second, bytes moved per parameter, and the ratio to the floor and to Keras
-Lion (beta_1 = beta_2, Soma's update), Adam, Adagrad and SGD measured in the
-same run. On JAX two more columns come from XLA itself: the bytes per
-parameter the compiled step reads and writes by its own count
-(`cost_analysis()`; "-" where the step holds a loop, whose body XLA counts
-once), and the step's temporaries (`memory_analysis()`). The targets of
-the performance issue are checked at the end.
+moving the same bytes, measured in the same run by a compiled kernel (XLA;
+`torch.compile` on torch) that reads the variable, the gradient and every
+state tensor and writes the variable and the state back. Each row gives ms
+per step, parameters per second, bytes moved per parameter, and the ratio
+to the floor and to Keras Lion (beta_1 = beta_2, Soma's update), Adam,
+Adagrad and SGD measured in the same run. On JAX two more columns come from
+XLA itself: the bytes per parameter the compiled step reads and writes by
+its own count (`cost_analysis()`; "-" where the step holds a loop, whose
+body XLA counts once), and the step's temporaries (`memory_analysis()`).
+The targets declared in `TARGETS` are checked at the end.
 
-Run time: about 5-10 minutes on a 2-core CPU (TensorFlow, all rows).
+Run time: about 5-10 minutes on a 2-core CPU (TensorFlow, all rows); on
+torch add a few seconds of compilation per row.
 
     python benchmarks/step_speed.py
     KERAS_BACKEND=jax python benchmarks/step_speed.py
+    KERAS_BACKEND=torch python benchmarks/step_speed.py
 """
 
 from __future__ import annotations
@@ -32,16 +40,63 @@ import os
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _report  # noqa: E402
+
 import keras_soma  # noqa: E402
-from keras_soma._reference import numpy_dtype  # noqa: E402
+from keras_soma._common import numpy_dtype  # noqa: E402
 
 BACKEND = keras.backend.backend()
+
+
+class Target(NamedTuple):
+    """`optimizer` takes at most `bound` times the time of `other` (a row
+    of the same table), or of its own floor where `other` is None."""
+
+    optimizer: str
+    other: str | None
+    bound: float
+
+
+# The targets the script checks, per backend, in the modes named by
+# TARGET_MODES. TensorFlow's and JAX's are the first performance issue's;
+# torch's are the "every Keras backend" issue's (in the default fit path,
+# and again under torch.compile).
+TARGETS = {
+    "tensorflow": [
+        Target("Soma", "Keras Lion", 0.4),
+        Target("Soma", None, 1.25),
+        Target("GradSign", "Soma", 0.7),
+        Target("SM3 momentum=0", "Keras Adagrad", 0.7),
+        Target("SM3 momentum=0.9", "Keras Adagrad", 1.0),
+    ],
+    "jax": [
+        Target("Soma", None, 1.25),
+        Target("Soma bf16 state", None, 1.25),
+        Target("GradSign", None, 1.25),
+        Target("SM3 momentum=0", None, 1.25),
+        Target("SM3 momentum=0.9", None, 1.25),
+    ],
+    "torch": [
+        Target("Soma", "Keras Lion", 1.0),
+        Target("GradSign", "Soma", 0.8),
+        Target("SM3 momentum=0", "Keras Adagrad", 1.0),
+    ],
+}
+# How each backend's rows name their compilation ("off" / "on"), which of
+# the two `fit` uses by default, and in which the targets are checked.
+COMPILER_LABEL = {"tensorflow": "XLA", "jax": "XLA", "torch": "torch.compile"}
+DEFAULT_COMPILED = {"tensorflow": "off", "jax": "on", "torch": "off"}
+TARGET_MODES = {"tensorflow": ["off"], "jax": ["on"], "torch": ["off", "on"]}
+
 LARGE_SHAPES = [(2048, 2048)] * 4
 # The soma paper's fashion-MNIST CNN: eight variables, 1.2M parameters.
 CNN_SHAPES = [
@@ -54,6 +109,7 @@ CNN_SHAPES = [
     (128, 10),
     (10,),
 ]
+BASELINES = ["Keras Lion", "Keras Adam", "Keras Adagrad", "Keras SGD"]
 
 
 def optimizer_cases():
@@ -80,6 +136,11 @@ def optimizer_cases():
         ("Keras SGD", lambda: keras.optimizers.SGD()),
     ]
     return cases
+
+
+# --------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------
 
 
 def nbytes(tensor) -> int:
@@ -114,16 +175,16 @@ def time_interleaved(functions, steps: int, repeats: int):
     return blocks
 
 
-def median_ratio(blocks, other_blocks) -> float:
-    """The median over rounds of the per-round ratio of two timings."""
-    return statistics.median(a / b for a, b in zip(blocks, other_blocks))
-
-
 def block_until_ready(result):
     if BACKEND == "jax" and result is not None:
         import jax
 
         jax.block_until_ready(result)
+    elif BACKEND == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
 
 def make_problem(shapes, dtype, seed=0):
@@ -247,7 +308,74 @@ def jax_floor(state, variables, gradients):
     return step
 
 
-def prepare(label, factory, shapes, dtype, xla):
+def torch_compile_each(function):
+    """`torch.compile(function)`, with a compile cache of its own.
+
+    torch.compile keeps its compiled versions on a function's code object
+    and falls back to running it uncompiled after a few versions
+    (`torch._dynamo.config.recompile_limit`); the steps of this script share
+    one code object, so each gets a copy, as each model's train function
+    does in `fit`."""
+    import types
+
+    import torch
+
+    own = types.FunctionType(
+        function.__code__.replace(),
+        function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+    return torch.compile(own)
+
+
+def torch_step(optimizer, variables, gradients, compiled: bool):
+    """`optimizer.apply` as Keras's torch trainer runs it: under
+    `torch.no_grad()`, eagerly or, with `jit_compile=True`, torch.compile'd."""
+    import torch
+
+    def step():
+        with torch.no_grad():
+            optimizer.apply(gradients, variables)
+
+    if not compiled:
+        return step
+    import torch._dynamo.utils
+
+    step = torch_compile_each(step)
+    breaks_before = sum(torch._dynamo.utils.counters["graph_break"].values())
+
+    def counted():
+        step()
+        if not hasattr(counted, "graph_breaks"):
+            counted.graph_breaks = (
+                sum(torch._dynamo.utils.counters["graph_break"].values())
+                - breaks_before
+            )
+
+    return counted
+
+
+def torch_floor(state, variables, gradients):
+    """Reads variable, gradient and state; writes variable and state, in
+    one torch.compile'd function."""
+    import torch
+
+    natives = [v.value for v in variables]
+    state_natives = [s.value for s in state]
+
+    def copy():
+        with torch.no_grad():
+            for variable, gradient in zip(natives, gradients):
+                variable.add_(gradient)
+            for tensor in state_natives:
+                tensor.add_(1)
+
+    return torch_compile_each(copy)
+
+
+def prepare(label, factory, shapes, dtype, compiled):
     """The step and floor functions of one optimizer, and what it moves."""
     variables, gradients = make_problem(shapes, dtype)
     optimizer = factory()
@@ -266,16 +394,19 @@ def prepare(label, factory, shapes, dtype, xla):
         keras.Variable(keras.ops.zeros(s.shape, s.dtype), dtype=s.dtype) for s in state
     ]
     if BACKEND == "tensorflow":
-        step = tensorflow_step(optimizer, variables, gradients, xla)
+        step = tensorflow_step(optimizer, variables, gradients, compiled)
         floor = tensorflow_floor(floor_state, floor_variables, floor_gradients)
-    else:
+    elif BACKEND == "jax":
         step = jax_step(optimizer, variables, gradients)
         floor = jax_floor(floor_state, floor_variables, floor_gradients)
+    else:
+        step = torch_step(optimizer, variables, gradients, compiled)
+        floor = torch_floor(floor_state, floor_variables, floor_gradients)
     row = {
         "optimizer": label,
         "backend": BACKEND,
         "dtype": dtype,
-        "xla": "on" if (xla or BACKEND == "jax") else "off",
+        "compiled": "on" if compiled else "off",
         "parameters": parameters,
         "bytes_per_param": moved / parameters,
         "temporary_mib": getattr(step, "temporary_bytes", None),
@@ -284,149 +415,187 @@ def prepare(label, factory, shapes, dtype, xla):
             if getattr(step, "compiled_bytes", None)
             else None
         ),
-        "largest_mib": max(nbytes(v) for v in variables) / 2**20,
     }
     if row["temporary_mib"] is not None:
         row["temporary_mib"] /= 2**20
     return row, step, floor
 
 
-def measure_group(cases, shapes, dtype, xla, steps, repeats):
+def measure_group(cases, shapes, dtype, compiled, steps, repeats):
     """Rows for every optimizer of `cases`, timed interleaved."""
     rows, functions = [], {}
     for label, factory in cases:
-        row, step, floor = prepare(label, factory, shapes, dtype, xla)
+        row, step, floor = prepare(label, factory, shapes, dtype, compiled)
         rows.append(row)
         functions[(label, "step")] = step
         functions[(label, "floor")] = floor
     blocks = time_interleaved(functions, steps, repeats)
     for row in rows:
+        step = functions[(row["optimizer"], "step")]
+        row["graph_breaks"] = getattr(step, "graph_breaks", None)
         row["blocks"] = blocks[(row["optimizer"], "step")]
         row["floor_blocks"] = blocks[(row["optimizer"], "floor")]
         row["ms"] = statistics.median(row["blocks"])
         row["floor_ms"] = statistics.median(row["floor_blocks"])
-        row["x_floor"] = median_ratio(row["blocks"], row["floor_blocks"])
+        row["x_floor"] = _report.median_ratio(row["blocks"], row["floor_blocks"])
         row["params_per_second"] = row["parameters"] / (row["ms"] / 1000.0)
     return rows
 
 
-def format_rows(rows, baselines):
+# --------------------------------------------------------------------------
+# Targets
+# --------------------------------------------------------------------------
+
+
+def target_results(rows, mode):
+    """`(text, measured, bound)` for each target of this backend, on the
+    float32 rows of compilation `mode`; targets whose rows were not timed
+    (`--only`) are left out."""
+    by_name = {
+        row["optimizer"]: row
+        for row in rows
+        if row["dtype"] == "float32" and row["compiled"] == mode
+    }
+    results = []
+    for target in TARGETS[BACKEND]:
+        row = by_name.get(target.optimizer)
+        if row is None:
+            continue
+        if target.other is None:
+            text = f"{target.optimizer} <= {target.bound} x its floor"
+            measured = row["x_floor"]
+        elif target.other in by_name:
+            text = f"{target.optimizer} <= {target.bound} x {target.other}"
+            measured = _report.median_ratio(
+                row["blocks"], by_name[target.other]["blocks"]
+            )
+        else:
+            continue
+        results.append((text, measured, target.bound))
+    return results, by_name
+
+
+def target_notes(by_name):
+    """Context for the targets, from measurements of the same run."""
+    notes = []
+    if BACKEND == "jax":
+        # What XLA compiled the step into, in its own count of bytes (a
+        # loop of its own counts once, so none is given for a step with one).
+        for target in TARGETS[BACKEND]:
+            row = by_name.get(target.optimizer)
+            if row is None or row.get("compiled_bytes_per_param") is None:
+                continue
+            compiled, floor = row["compiled_bytes_per_param"], row["bytes_per_param"]
+            notes.append(
+                f"{target.optimizer}: the compiled step moves {compiled:.1f} "
+                f"bytes / param by XLA's count, its floor {floor:.1f} "
+                f"({compiled / floor:.2f} x before any arithmetic)"
+            )
+    if BACKEND == "torch":
+        for name, row in by_name.items():
+            if row.get("graph_breaks"):
+                notes.append(
+                    f"{name}: torch.compile split the step at "
+                    f"{row['graph_breaks']} graph breaks"
+                )
+    if BACKEND != "jax" and "GradSign" in by_name and "Soma" in by_name:
+        # The GradSign target is about the ratio of the bytes the two move:
+        # the ratio of their floors (copies of those bytes), same rounds.
+        floors = _report.median_ratio(
+            by_name["GradSign"]["floor_blocks"], by_name["Soma"]["floor_blocks"]
+        )
+        notes.append(f"GradSign's floor / Soma's floor in the same run: {floors:.2f}")
+    return notes
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+
+def step_table(rows) -> str:
+    """The Markdown table of `rows`, with ratios to each of BASELINES
+    timed with the same dtype and compilation."""
     with_memory = any(row.get("temporary_mib") is not None for row in rows)
-    memory_header = "| XLA bytes / param | temporaries MiB " if with_memory else ""
-    header = (
-        "| optimizer | backend | dtype | XLA | ms / step | Mparams / s | bytes / param moved "
-        "| x floor | "
-        + " | ".join(f"x {name}" for name in baselines)
-        + " "
-        + memory_header
-        + "|"
-    )
-    lines = [header, "|" + "---|" * (8 + len(baselines) + (2 if with_memory else 0))]
+    header = [
+        "optimizer",
+        "backend",
+        "dtype",
+        COMPILER_LABEL[BACKEND],
+        "ms / step",
+        "Mparams / s",
+        "bytes / param moved",
+        "x floor",
+        *(f"x {name}" for name in BASELINES),
+    ]
+    if with_memory:
+        header += ["XLA bytes / param", "temporaries MiB"]
+    cells = []
     for row in rows:
-        key = (row["dtype"], row["xla"])
+        key = (row["dtype"], row["compiled"])
         ratios = []
-        for name in baselines:
+        for name in BASELINES:
             base = next(
                 (
-                    r
-                    for r in rows
-                    if r["optimizer"] == name and (r["dtype"], r["xla"]) == key
+                    other
+                    for other in rows
+                    if other["optimizer"] == name
+                    and (other["dtype"], other["compiled"]) == key
                 ),
                 None,
             )
             ratios.append(
-                f"{median_ratio(row['blocks'], base['blocks']):.2f}" if base else "-"
+                f"{_report.median_ratio(row['blocks'], base['blocks']):.2f}"
+                if base
+                else "-"
             )
-        lines.append(
-            f"| {row['optimizer']} | {row['backend']} | {row['dtype']} | {row['xla']} | "
-            f"{row['ms']:.2f} | {row['params_per_second'] / 1e6:.0f} | {row['bytes_per_param']:.1f} | "
-            f"{row['x_floor']:.2f} | "
-            + " | ".join(ratios)
-            + " |"
-            + (
-                f" {format_optional(row['compiled_bytes_per_param'], '.1f')} | {row['temporary_mib']:.2f} |"
-                if with_memory
-                else ""
-            )
-        )
-    return "\n".join(lines)
-
-
-def format_optional(value, spec):
-    return "-" if value is None else format(value, spec)
-
-
-def check_targets(rows):
-    """The performance issue's targets, on the float32 rows with XLA as
-    users get it by default (off on TensorFlow, on with JAX)."""
-    default_xla = "off" if BACKEND == "tensorflow" else "on"
-    by_name = {
-        row["optimizer"]: row
-        for row in rows
-        if row["dtype"] == "float32" and row["xla"] == default_xla
-    }
-    checks = []
-
-    def ratio(name, other):
-        return median_ratio(by_name[name]["blocks"], by_name[other]["blocks"])
-
-    def floor_ratio(name):
-        return by_name[name]["x_floor"]
-
-    if BACKEND == "tensorflow":
-        targets = [
-            ("Soma", "Keras Lion", 0.4),
-            ("Soma", None, 1.25),
-            ("GradSign", "Soma", 0.7),
-            ("SM3 momentum=0", "Keras Adagrad", 0.7),
-            ("SM3 momentum=0.9", "Keras Adagrad", 1.0),
+        line = [
+            row["optimizer"],
+            row["backend"],
+            row["dtype"],
+            row["compiled"],
+            f"{row['ms']:.2f}",
+            f"{row['params_per_second'] / 1e6:.0f}",
+            f"{row['bytes_per_param']:.1f}",
+            f"{row['x_floor']:.2f}",
+            *ratios,
         ]
-    else:
-        targets = [
-            (name, None, 1.25)
-            for name in by_name
-            if not name.startswith("Keras") and "blocked=False" not in name
-        ]
-    for name, other, bound in targets:
-        if name not in by_name or (other is not None and other not in by_name):
-            continue  # not timed in this run (--only)
-        if other is None:
-            checks.append((f"{name} <= {bound} x its floor", floor_ratio(name), bound))
-        else:
-            checks.append((f"{name} <= {bound} x {other}", ratio(name, other), bound))
-    lines = []
-    for text, value, bound in checks:
-        lines.append(
-            f"{'PASS' if value <= bound else 'FAIL'}  {text}: measured {value:.2f}"
+        if with_memory:
+            line += [
+                _report.format_optional(row["compiled_bytes_per_param"], ".1f"),
+                f"{row['temporary_mib']:.2f}",
+            ]
+        cells.append(line)
+    return _report.markdown_table(header, cells)
+
+
+def target_heading(mode) -> str:
+    if BACKEND != "torch":
+        return "Targets (16.8M float32 parameters, default XLA setting):\n"
+    if mode == DEFAULT_COMPILED[BACKEND]:
+        return (
+            "Targets (16.8M float32 parameters, torch.compile off: the default "
+            '`fit` path, `jit_compile="auto"` being eager on torch):\n'
         )
-    if BACKEND == "jax":
-        # Context for the floor targets: what XLA compiled the step into,
-        # in its own count of bytes (a loop of its own counts once, so
-        # none is given for a step with one).
-        for name, other, bound in targets:
-            row = by_name.get(name)
-            if (
-                row is None
-                or row.get("compiled_bytes_per_param") is None
-                or other is not None
-            ):
-                continue
-            lines.append(
-                f"note  {name}: the compiled step moves {row['compiled_bytes_per_param']:.1f} bytes / param "
-                f"by XLA's count, its floor {row['bytes_per_param']:.1f} "
-                f"({row['compiled_bytes_per_param'] / row['bytes_per_param']:.2f} x before any arithmetic)"
-            )
-    if BACKEND == "tensorflow" and "GradSign" in by_name and "Soma" in by_name:
-        # Context for the GradSign target, which is the ratio of the bytes
-        # the two move: the ratio of their floors (copies of those bytes)
-        # measured in the same rounds.
-        floors = median_ratio(
-            by_name["GradSign"]["floor_blocks"], by_name["Soma"]["floor_blocks"]
-        )
-        lines.append(
-            f"note  GradSign's floor / Soma's floor in the same run: {floors:.2f}"
-        )
-    return lines
+    return (
+        "Targets (16.8M float32 parameters, torch.compile on: `fit` with "
+        "`jit_compile=True`):\n"
+    )
+
+
+def report_targets(report, rows, mode):
+    results, by_name = target_results(rows, mode)
+    report.emit(target_heading(mode))
+    for text, measured, bound in results:
+        verdict = "PASS" if measured <= bound else "FAIL"
+        report.emit(f"- {verdict}  {text}: measured {measured:.2f}")
+    for note in target_notes(by_name):
+        report.emit(f"- note  {note}")
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -444,11 +613,17 @@ def main(argv=None):
         nargs="+",
         default=None,
         metavar="NAME",
-        help="time only the keras_soma optimizers whose label starts with one of these "
-        "(e.g. --only SM3); Keras's optimizers are always timed, as the baselines",
+        help="time only the keras_soma optimizers whose label starts with one of "
+        "these (e.g. --only SM3); Keras's optimizers are always timed, as the "
+        "baselines",
     )
     parser.add_argument(
-        "--no-xla-on", action="store_true", help="TensorFlow: skip the XLA-on rows"
+        "--no-compiled",
+        "--no-xla-on",
+        dest="no_compiled",
+        action="store_true",
+        help="skip the rows compiled where fit() does not compile by default "
+        "(XLA on for TensorFlow, torch.compile on for torch)",
     )
     parser.add_argument(
         "--output",
@@ -459,11 +634,10 @@ def main(argv=None):
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be >= 1")
 
-    xla_modes = (
-        ([False] if args.no_xla_on else [False, True])
-        if BACKEND == "tensorflow"
-        else [True]
-    )
+    if BACKEND == "jax":
+        modes = [True]
+    else:
+        modes = [False] if args.no_compiled else [False, True]
     cases = [
         (label, factory)
         for label, factory in optimizer_cases()
@@ -471,25 +645,14 @@ def main(argv=None):
         or args.only is None
         or label.startswith(tuple(args.only))
     ]
-    baselines = ["Keras Lion", "Keras Adam", "Keras Adagrad", "Keras SGD"]
-    import platform
-    import shlex
-
-    report = []
-
-    def emit(text=""):
-        print(text, flush=True)
-        report.append(text)
-
-    command = "python " + " ".join(
-        shlex.quote(part) for part in ["benchmarks/step_speed.py", *sys.argv[1:]]
-    )
-    if BACKEND != "tensorflow":
-        command = f"KERAS_BACKEND={BACKEND} {command}"
-    emit(
-        f"Produced by `{command}`: Keras {keras.__version__}, {BACKEND} backend, "
-        f"{platform.machine()}, {os.cpu_count()} CPU cores; {args.repeats} interleaved rounds of {args.steps} steps, "
-        "medians of the times and of the per-round ratios.\n"
+    report = _report.Report()
+    command = _report.command_line("benchmarks/step_speed.py", argv)
+    report.emit(
+        _report.provenance(
+            command,
+            f"{args.repeats} interleaved rounds of {args.steps} steps, "
+            "medians of the times and of the per-round ratios.\n",
+        )
     )
     problems = [
         ("16.8M parameters in four 2048 x 2048 matrices", LARGE_SHAPES, args.dtypes)
@@ -498,33 +661,33 @@ def main(argv=None):
         problems.append(
             ("the CNN's 8 variables (1.2M parameters)", CNN_SHAPES, ["float32"])
         )
-    all_rows = []
+    large_rows = None
     for title, shapes, dtypes in problems:
         rows = []
         for dtype in dtypes:
-            for xla in xla_modes:
+            for compiled in modes:
+                label = f"{COMPILER_LABEL[BACKEND]} {'on' if compiled else 'off'}"
                 print(
-                    f"  timing {len(cases)} optimizers, {dtype}, XLA {'on' if xla else 'off'} ...",
+                    f"  timing {len(cases)} optimizers, {dtype}, {label} ...",
                     flush=True,
                 )
                 group = measure_group(
-                    cases, shapes, dtype, xla, args.steps, args.repeats
+                    cases, shapes, dtype, compiled, args.steps, args.repeats
                 )
                 for row in group:
                     print(
-                        f"  {row['optimizer']:18s} {dtype:8s} XLA {row['xla']:3s} {row['ms']:8.2f} ms "
-                        f"(floor {row['floor_ms']:.2f} ms)",
+                        f"  {row['optimizer']:18s} {dtype:8s} {label} "
+                        f"{row['ms']:8.2f} ms (floor {row['floor_ms']:.2f} ms)",
                         flush=True,
                     )
                 rows.extend(group)
-        emit(f"\n#### {title}\n\n{format_rows(rows, baselines)}\n")
-        all_rows.append(rows)
-    emit("Targets (16.8M float32 parameters, default XLA setting):\n")
-    for line in check_targets(all_rows[0]):
-        emit("- " + line)
-    if args.output:
-        with open(args.output, "w") as handle:
-            handle.write("\n".join(report) + "\n")
+        report.emit(f"\n#### {title}\n\n{step_table(rows)}\n")
+        if large_rows is None:
+            large_rows = rows
+    for mode in TARGET_MODES[BACKEND]:
+        if any(row["compiled"] == mode for row in large_rows):
+            report_targets(report, large_rows, mode)
+    report.write(args.output)
 
 
 if __name__ == "__main__":
