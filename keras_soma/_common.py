@@ -195,6 +195,23 @@ def nan_safe_sign(values, dtype):
     return ops.subtract(positive, negative)
 
 
+def sign(values):
+    """`sign(values)` with sign(0) = 0 and sign(NaN) = NaN on every backend.
+
+    torch's `sign` (eager, and as torch.compile writes it) is 0 for NaN,
+    where TensorFlow's, JAX's and numpy's are NaN. On torch the sign is
+    therefore written with two selects that pass every other value (0 and
+    NaN) through: a loop torch.compile vectorizes, which a NaN test
+    (`isnan`, run element by element there) would not be.
+    """
+    if keras.backend.backend() != "torch":
+        return ops.sign(values)
+    one = ops.ones((), values.dtype)
+    return ops.where(
+        ops.greater(values, 0), one, ops.where(ops.less(values, 0), -one, values)
+    )
+
+
 def finite_max(dtype) -> float:
     """The largest finite value of a float dtype (bfloat16 included)."""
     numpy_type = numpy_dtype(keras.backend.standardize_dtype(dtype))

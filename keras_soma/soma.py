@@ -23,7 +23,7 @@ def soma_update(value, gradient, momentum_value, learning_rate, momentum):
         ops.multiply(_common.saturating_cast(gradient, "float32"), 1.0 - momentum),
     )
     average = _common.saturating_cast(average, momentum_value.dtype)
-    step = ops.multiply(learning_rate, ops.sign(ops.cast(average, value.dtype)))
+    step = ops.multiply(learning_rate, _common.sign(ops.cast(average, value.dtype)))
     return ops.subtract(value, step), average
 
 
@@ -50,7 +50,7 @@ def soma_micro_step(
         ),
     )
     average = _common.saturating_cast(average, momentum_value.dtype)
-    step = ops.multiply(learning_rate, ops.sign(ops.cast(average, value.dtype)))
+    step = ops.multiply(learning_rate, _common.sign(ops.cast(average, value.dtype)))
     return ops.subtract(value, step), average
 
 
