@@ -5,7 +5,7 @@ from __future__ import annotations
 from keras import ops
 
 from keras_soma import _common
-from keras_soma._base import KerasSomaOptimizer
+from keras_soma._base import KerasSomaOptimizer, _overwritten_with_gradient
 
 
 def soma_update(value, gradient, momentum_value, learning_rate, momentum):
@@ -212,7 +212,7 @@ class Soma(KerasSomaOptimizer):
                 self.gradient_accumulation_steps = self._folded_steps
             self._accumulated_gradients = [
                 self.add_variable_from_reference(variable, name="gradient_accumulator")
-                if self._overwrite_variable_with_gradient(variable)
+                if _overwritten_with_gradient(variable)
                 else None
                 for variable in var_list
             ]
