@@ -14,6 +14,7 @@ download host cannot be reached, the tests are skipped with the reason.
 from __future__ import annotations
 
 import csv
+import glob
 import importlib.util
 import math
 import os
@@ -33,6 +34,14 @@ if "TFDS_DATA_DIR" not in os.environ and os.path.isdir(SHARED_DATA_DIR):
     os.environ["TFDS_DATA_DIR"] = SHARED_DATA_DIR
 
 DOWNLOAD_HOST = "fashion-mnist.s3-website.eu-central-1.amazonaws.com"
+
+# Shakespeare's plays as plain text (Project Gutenberg), for
+# examples/shakespeare_lm.py: SHAKESPEARE_TEXT_DIR, else beside the
+# repository as in CI.
+SHAKESPEARE_TEXT_DIR = os.environ.get(
+    "SHAKESPEARE_TEXT_DIR",
+    os.path.join(os.path.dirname(REPOSITORY), "shared", "text", "shakespeare"),
+)
 
 # A short run: enough batches for the loss to move, few enough for the
 # whole file to take about a minute on two CPU cores.
@@ -335,6 +344,93 @@ def test_learning_rate_sweep_short(common, data_dir, tmp_path):
         assert float(row["state_bytes_per_parameter"]) == pytest.approx(expected_bytes)
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="the language model's short mode takes about 20 s on TensorFlow but "
+    "several times that on JAX and PyTorch on a 2-core CPU (keras_hub's "
+    "GPT-2 layers); the example itself is backend-agnostic",
+)
+def test_shakespeare_lm_quick(common, tmp_path):
+    pytest.importorskip("keras_hub", reason="needs the `examples` extra")
+    if not glob.glob(os.path.join(SHAKESPEARE_TEXT_DIR, "*_gut.txt")):
+        pytest.skip(
+            f"no Shakespeare texts in {SHAKESPEARE_TEXT_DIR} (set SHAKESPEARE_TEXT_DIR)"
+        )
+    example = load_example("shakespeare_lm")
+    # AdamW and Soma, and SM3 for the warm-up/cool-down schedule.
+    names = ["adamw", "soma", "sm3-m0"]
+    returned = example.main(
+        [
+            "--quick",
+            *[argument for name in names for argument in ("--optimizer", name)],
+            "--text-dir",
+            SHAKESPEARE_TEXT_DIR,
+            "--text-pattern",
+            "*_gut.txt",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    rows = read_outputs(tmp_path, "shakespeare_lm", "shakespeare_lm")
+    assert [row["optimizer"] for row in rows] == [
+        example.OPTIMIZERS[name][0] for name in names
+    ]
+    for row, result in zip(rows, returned):
+        for key in ("val_loss", "averaged_val_loss", "train_loss"):
+            loss = float(row[key])
+            assert math.isfinite(loss) and loss > 0.0, row
+        # The loss falls from that of the random initial weights.
+        assert float(row["val_loss"]) < result["initial_val_loss"], row
+        assert float(row["averaged_val_loss"]) < result["initial_val_loss"], row
+        assert float(row["seconds"]) > 0.0, row
+        assert len(result["samples"]) == example.SAMPLES
+        assert all(
+            len(text) == example.QUICK["sample_characters"]
+            for text in result["samples"]
+        )
+    # AdamW keeps two float32 moments, Soma one; SM3 without momentum far
+    # less than one float per parameter.
+    state_bytes = [float(row["state_bytes_per_parameter"]) for row in rows]
+    assert state_bytes[:2] == [pytest.approx(8.0), pytest.approx(4.0)]
+    assert 0.0 < state_bytes[2] < 1.0
+    with open(tmp_path / "shakespeare_lm.md") as handle:
+        text = handle.read()
+    assert "not tiny_shakespeare" in text
+    assert "Samples" in text and "```text" in text
+    with open(tmp_path / "shakespeare_lm_curves.csv", newline="") as handle:
+        curves = list(csv.DictReader(handle))
+    steps = [0, example.QUICK["eval_every"], example.QUICK["steps"]]
+    assert [int(row["step"]) for row in curves] == steps * len(names)
+
+
+def test_shakespeare_lm_bad_text(common, tmp_path):
+    example = load_example("shakespeare_lm")
+    quick = ["--quick", "--output-dir", str(tmp_path / "out")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="--text-dir must hold at least one file"):
+        example.main(["--text-dir", str(empty), *quick])
+    (empty / "blank.txt").write_text("  \n\n")
+    with pytest.raises(ValueError, match="--text-dir must hold some text"):
+        example.main(["--text-dir", str(empty), *quick])
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "play.txt").write_text("To be, or not to be: that is the question.\n" * 4)
+    with pytest.raises(ValueError, match="--context must be shorter .* received 64"):
+        example.main(["--text-dir", str(short), "--context", "64", *quick])
+
+
+def test_shakespeare_lm_vocabulary_covers_held_out_text(common):
+    # A character that only the held-out tenth holds is still in the
+    # vocabulary, so the held-out text encodes.
+    example = load_example("shakespeare_lm")
+    text = "abc" * 30 + "xyz" * 3
+    train, held_out = example.split_text(text)
+    assert "z" not in train
+    vocabulary = example.CharacterVocabulary(text)
+    assert vocabulary.decode(vocabulary.encode(held_out)) == held_out
+
+
 @pytest.mark.parametrize(
     "example_name, arguments, message",
     [
@@ -403,6 +499,26 @@ def test_learning_rate_sweep_short(common, data_dir, tmp_path):
             "seed_repeats",
             ["--seeds", "1"],
             "--seeds must be an integer >= 2 (a spread needs two runs); received 1",
+        ),
+        (
+            "shakespeare_lm",
+            ["--optimizer", "adamw", "--optimizer", "adamx"],
+            "argument --optimizer: invalid choice: 'adamx'",
+        ),
+        (
+            "shakespeare_lm",
+            ["--text-dir", "/nonexistent/texts"],
+            "--text-dir must be an existing directory; received '/nonexistent/texts'",
+        ),
+        (
+            "shakespeare_lm",
+            ["--dim", "30", "--heads", "4"],
+            "--dim must be a multiple of --heads (4); received 30",
+        ),
+        (
+            "shakespeare_lm",
+            ["--quick", "--steps", "0"],
+            "--steps must be an integer >= 1",
         ),
     ],
 )
