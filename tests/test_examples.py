@@ -346,9 +346,10 @@ def test_learning_rate_sweep_short(common, data_dir, tmp_path):
 
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
-    reason="the language model's short mode takes about 20 s on TensorFlow but "
-    "several times that on JAX and PyTorch on a 2-core CPU (keras_hub's "
-    "GPT-2 layers); the example itself is backend-agnostic",
+    reason="the language model's short mode is slow off TensorFlow: on a "
+    "loaded 2-core CPU it took 45 s on TensorFlow, 69 s on JAX and 114 s on "
+    "PyTorch (mostly compiling keras_hub's GPT-2); the example itself runs "
+    "on every backend",
 )
 def test_shakespeare_lm_quick(common, tmp_path):
     pytest.importorskip("keras_hub", reason="needs the `examples` extra")
@@ -357,8 +358,8 @@ def test_shakespeare_lm_quick(common, tmp_path):
             f"no Shakespeare texts in {SHAKESPEARE_TEXT_DIR} (set SHAKESPEARE_TEXT_DIR)"
         )
     example = load_example("shakespeare_lm")
-    # AdamW and Soma, and SM3 for the warm-up/cool-down schedule.
-    names = ["adamw", "soma", "sm3-m0"]
+    # Soma, and SM3 for the warm-up/cool-down schedule.
+    names = ["soma", "sm3-m0"]
     returned = example.main(
         [
             "--quick",
@@ -388,11 +389,11 @@ def test_shakespeare_lm_quick(common, tmp_path):
             len(text) == example.QUICK["sample_characters"]
             for text in result["samples"]
         )
-    # AdamW keeps two float32 moments, Soma one; SM3 without momentum far
-    # less than one float per parameter.
+    # Soma keeps one float32 momentum; SM3 without momentum far less than
+    # one float per parameter.
     state_bytes = [float(row["state_bytes_per_parameter"]) for row in rows]
-    assert state_bytes[:2] == [pytest.approx(8.0), pytest.approx(4.0)]
-    assert 0.0 < state_bytes[2] < 1.0
+    assert state_bytes[0] == pytest.approx(4.0)
+    assert 0.0 < state_bytes[1] < 1.0
     with open(tmp_path / "shakespeare_lm.md") as handle:
         text = handle.read()
     assert "not tiny_shakespeare" in text
