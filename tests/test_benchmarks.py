@@ -102,3 +102,44 @@ def test_bad_arguments_are_named(arguments, message, capsys):
     with pytest.raises(SystemExit):
         peak_memory.parse_args(arguments)
     assert message in capsys.readouterr().err
+
+
+def _synthetic_sweep(per_param: dict, constant: dict, state: dict) -> dict:
+    """Rows as the benchmark records them, with peaks on exact lines."""
+    sweep = {}
+    for name in per_param:
+        for rows in (1000, 2000, 4000):
+            parameters = rows * peak_memory.RECOMMENDER_WIDTH
+            sweep.setdefault(name, []).append(
+                (
+                    rows,
+                    {
+                        "status": "ok",
+                        "rows": rows,
+                        "parameters": parameters,
+                        "state_bytes": state[name] * parameters,
+                        "peak": constant[name] + per_param[name] * parameters,
+                    },
+                )
+            )
+    return sweep
+
+
+def test_slope_separates_per_parameter_bytes_from_constant_ones():
+    # Soma: its state per parameter and a constant 60 MB more (a compiled
+    # kernel's one-off cost) passes; GradSign 0.5 byte / param more than
+    # its state fails, whatever the constant.
+    sweep = _synthetic_sweep(
+        per_param={"sgd": 8.0, "soma": 12.0, "gradsign": 9.5},
+        constant={"sgd": 500e6, "soma": 560e6, "gradsign": 500e6},
+        state={"sgd": 0.0, "soma": 4.0, "gradsign": 1.0},
+    )
+    fitted = peak_memory.fit_lines(sweep)
+    assert fitted["soma"][0] == pytest.approx(12.0)
+    assert fitted["soma"][1] == pytest.approx(560e6)
+    lines = peak_memory.slope_target_lines(sweep)
+    assert any(line.startswith("- PASS") and "Soma:" in line for line in lines)
+    assert any(line.startswith("- FAIL") and "GradSign:" in line for line in lines)
+    table = "\n".join(peak_memory.largest_tables(sweep))
+    assert "| Soma | 12.00 | 4.00 | +0.00 |" in table
+    assert "| +57 |" in table  # (560 - 500) MB in MiB
