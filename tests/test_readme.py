@@ -109,3 +109,17 @@ def test_contributing_commands_name_what_exists():
                 assert selected.group(1) in REGISTRY, part
                 checked += 1
     assert checked >= 6, commands
+
+
+def test_readme_language_model_figures_are_the_examples_output():
+    """The README's language-model table is the example's own output file,
+    line for line, and names the command that wrote it."""
+    readme = read("README.md")
+    section = readme.split("## A transformer language model", 1)[1].split("\n## ")[0]
+    output = read("docs/results/shakespeare_lm.md")
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert len(rows) >= 4, rows
+    for line in rows:
+        assert line in output.splitlines(), line
+    command = output.split("Produced by `", 1)[1].split("`", 1)[0]
+    assert f"`{command}`" in section
