@@ -1,23 +1,25 @@
-"""Soma's int8 momentum: nearest against stochastic rounding.
+"""Soma's int8 momentum: nearest against stochastic rounding, two codes.
 
 What it measures, on the soma paper's fashion-MNIST MLP, for float32 Soma
-and for `Soma(momentum_dtype="int8")` with round-to-nearest (the
-library's choice) and with stochastic rounding (`floor(x + u)`, u uniform
-in [0, 1), drawn from a Keras SeedGenerator; written here only, for the
-comparison), at each decay factor given:
+and for int8 momentum (`keras_soma._quantize`, blocks of 256) stored with
+the linear code (`code / 127 * scale`) rounded to nearest or
+stochastically (`floor(x + u)`, u uniform in [0, 1), drawn from a Keras
+SeedGenerator; written here only, for the comparison), and with the sqrt
+code rounded to nearest (`Soma(momentum_dtype="int8")`, the library's
+choice), at each decay factor given:
 
 * test accuracy after `--epochs` epochs, mean over `--seeds` seeds;
 * zero codes: the fraction of stored momenta that are exactly 0 at the
-  end (for float32 Soma: the fraction that nearest rounding *would* make
-  0, measured by quantizing its float32 average);
+  end (for float32 Soma: the fraction that the linear code rounded to
+  nearest *would* make 0, measured by quantizing its float32 average);
 * stopped: the fraction of parameters that did not move in a step (their
   updated float32 average is exactly 0), over sampled steps of the last
   epoch;
 * frozen codes: the fraction of int8 codes a step left unchanged (updates
   below one quantization step), over the same steps.
 
-Run time on a 2-core CPU: about 20 s per run (3 epochs); the default 3
-optimizers x 2 decay factors x 2 seeds is about 5 minutes.
+Run time on a 2-core CPU: about 40 s per run (3 epochs); the default 4
+variants x 2 decay factors x 2 seeds is about 11 minutes.
 
     python benchmarks/int8_rounding.py
     python benchmarks/int8_rounding.py --momentum 0.95 0.99 0.999 --seeds 3
@@ -56,7 +58,7 @@ class StudySoma(keras_soma.Soma):
     """Soma with int8 momentum rounded stochastically, or stored in another
     code (study only)."""
 
-    def __init__(self, stochastic=False, code="linear", **kwargs):
+    def __init__(self, stochastic=False, code="sqrt", **kwargs):
         super().__init__(**kwargs)
         self.stochastic = stochastic
         self.code = code
@@ -100,19 +102,20 @@ class StudySoma(keras_soma.Soma):
 
 VARIANTS = {
     "float32": lambda momentum: keras_soma.Soma(momentum=momentum),
-    "int8 nearest": lambda momentum: keras_soma.Soma(
+    "int8 linear, nearest": lambda momentum: StudySoma(
+        code="linear", momentum=momentum, momentum_dtype="int8"
+    ),
+    "int8 linear, stochastic": lambda momentum: StudySoma(
+        stochastic=True, code="linear", momentum=momentum, momentum_dtype="int8"
+    ),
+    "int8 sqrt, nearest (library)": lambda momentum: keras_soma.Soma(
         momentum=momentum, momentum_dtype="int8"
     ),
-    "int8 stochastic": lambda momentum: StudySoma(
-        stochastic=True, momentum=momentum, momentum_dtype="int8"
-    ),
-    "int8 nearest, sqrt code": lambda momentum: StudySoma(
-        code="sqrt", momentum=momentum, momentum_dtype="int8"
-    ),
-    "int8 nearest, block 64": lambda momentum: keras_soma.Soma(
+    "int8 sqrt, nearest, block 64": lambda momentum: keras_soma.Soma(
         momentum=momentum, momentum_dtype="int8", block_size=64
     ),
 }
+DEFAULT_VARIANTS = list(VARIANTS)[:4]
 
 
 def numpy_of(value):
@@ -164,7 +167,7 @@ def zero_code_fraction(optimizer) -> float:
         if optimizer.momentum_dtype == "int8":
             codes = numpy_of(average)
         else:
-            codes, _ = _quantize.quantize_blockwise(average, 256)
+            codes, _ = _quantize.quantize_blockwise(average, 256, code="linear")
             codes = numpy_of(codes)
         zeros += int((codes == 0).sum())
         total += codes.size
@@ -175,7 +178,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--momentum", type=float, nargs="+", default=MOMENTA)
     parser.add_argument("--seeds", type=int, default=SEEDS)
-    parser.add_argument("--variant", nargs="+", default=list(VARIANTS))
+    parser.add_argument(
+        "--variant", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS)
+    )
     common.add_common_arguments(
         parser,
         EPOCHS,

@@ -9,11 +9,16 @@ The format, as data:
 * scales: one float32 per block, `ceil(size / block_size)` of them, the
   block's largest absolute value (1 for a block of zeros, so a scale is
   never 0, NaN or Inf);
-* value of a code: `code / 127 * scale`.
+* value of a code (the "sqrt" code, the format Soma stores):
+  `sign(code) * (code / 127) ** 2 * scale`, so the smallest nonzero
+  magnitude is `scale / 16129` rather than the linear code's
+  `scale / 127`; the linear code (`code / 127 * scale`) is kept for
+  comparison (benchmarks/int8_rounding.py).
 
-Quantizing rounds `value / scale * 127` to the nearest integer (ties to
-even, as numpy, TensorFlow, JAX and torch round), or, given uniform
-random numbers `u` in [0, 1), stochastically: `floor(x + u)`. Before
+Quantizing rounds `127 * sign(x) * sqrt(|x| / scale)` (linear code:
+`127 * x / scale`) to the nearest integer (ties to even, as numpy,
+TensorFlow, JAX and torch round), or, given uniform random numbers `u`
+in [0, 1), stochastically: `floor(x + u)`. Before
 that, NaN becomes 0 and values beyond float32's range saturate to its
 largest finite value, so that one non-finite element cannot make the
 scale of its whole block NaN or Inf.
@@ -65,7 +70,7 @@ def _unblocked(blocked, shape):
 CODES = ("linear", "sqrt")
 
 
-def quantize_blockwise(values, block_size: int, uniform=None, code: str = "linear"):
+def quantize_blockwise(values, block_size: int, uniform=None, code: str = "sqrt"):
     """Quantizes float `values` to int8 codes and float32 block scales.
 
     Args:
@@ -74,10 +79,11 @@ def quantize_blockwise(values, block_size: int, uniform=None, code: str = "linea
         uniform: None for round-to-nearest, or a float32 tensor of shape
             `[blocks, block_size]` of uniform numbers in [0, 1) for
             stochastic rounding.
-        code: `"linear"` (`value = code / 127 * scale`) or `"sqrt"`, a
-            companded code with finer steps near 0 (`value = sign(code) *
-            (code / 127) ** 2 * scale`: the code is rounded from
-            `127 * sign(x) * sqrt(|x| / scale)`).
+        code: `"sqrt"`, a companded code with finer steps near 0
+            (`value = sign(code) * (code / 127) ** 2 * scale`: the code is
+            rounded from `127 * sign(x) * sqrt(|x| / scale)`), or
+            `"linear"` (`value = code / 127 * scale`). Defaults to
+            `"sqrt"`.
 
     Returns:
         `(codes, scales)`: int8 codes of the shape of `values` and float32
@@ -104,7 +110,7 @@ def quantize_blockwise(values, block_size: int, uniform=None, code: str = "linea
     return _unblocked(codes, shape), scales
 
 
-def dequantize_blockwise(codes, scales, block_size: int, code: str = "linear"):
+def dequantize_blockwise(codes, scales, block_size: int, code: str = "sqrt"):
     """The float32 values of int8 `codes` with their block `scales`."""
     shape = tuple(codes.shape)
     blocked = ops.cast(_blocked(ops.cast(codes, "int8"), block_size), "float32")

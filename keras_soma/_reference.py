@@ -82,16 +82,21 @@ def int8_block_count(shape, block_size: int) -> int:
 
 
 def quantize_blockwise(
-    values: np.ndarray, block_size: int, uniform: np.ndarray | None = None
+    values: np.ndarray,
+    block_size: int,
+    uniform: np.ndarray | None = None,
+    code: str = "sqrt",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Float values -> (int8 codes of their shape, float32 block scales).
 
     Blocks are `block_size` consecutive elements of the row-major
     flattening (the last one partial); a block's scale is its largest
-    magnitude, or 1 for a block of zeros; a code is `values / scale * 127`
-    rounded to nearest (ties to even) or, with `uniform` (random numbers
-    in [0, 1) of shape `[blocks, block_size]`), `floor(x + uniform)`. NaN
-    counts as 0 and values beyond float32's range saturate.
+    magnitude, or 1 for a block of zeros; a code is
+    `127 * sign(x) * sqrt(|x| / scale)` (`code="sqrt"`, Soma's format) or
+    `127 * x / scale` (`code="linear"`) rounded to nearest (ties to even)
+    or, with `uniform` (random numbers in [0, 1) of shape
+    `[blocks, block_size]`), `floor(x + uniform)`. NaN counts as 0 and
+    values beyond float32's range saturate.
     """
     shape = np.shape(values)
     flat = np.asarray(values, np.float32).reshape(-1)
@@ -104,7 +109,10 @@ def quantize_blockwise(
     blocked = padded.reshape(blocks, block_size)
     absmax = np.abs(blocked).max(axis=1)
     scales = np.where(absmax > 0, absmax, np.float32(1)).astype(np.float32)
-    scaled = (blocked / scales[:, None]).astype(np.float32) * np.float32(CODE_MAX)
+    scaled = (blocked / scales[:, None]).astype(np.float32)
+    if code == "sqrt":
+        scaled = (np.sign(scaled) * np.sqrt(np.abs(scaled))).astype(np.float32)
+    scaled = scaled * np.float32(CODE_MAX)
     if uniform is None:
         codes = np.round(scaled)
     else:
@@ -114,13 +122,17 @@ def quantize_blockwise(
 
 
 def dequantize_blockwise(
-    codes: np.ndarray, scales: np.ndarray, block_size: int
+    codes: np.ndarray, scales: np.ndarray, block_size: int, code: str = "sqrt"
 ) -> np.ndarray:
-    """The float32 values `code / 127 * scale` of int8 codes."""
+    """The float32 values of int8 codes: `sign(c) * (c / 127) ** 2 * scale`
+    (`code="sqrt"`) or `c / 127 * scale` (`code="linear"`)."""
     shape = np.shape(codes)
     flat = np.asarray(codes).reshape(-1).astype(np.float32)
     per_element = np.repeat(np.asarray(scales, np.float32), block_size)[: flat.size]
-    values = (flat / np.float32(CODE_MAX)).astype(np.float32) * per_element
+    fractions = (flat / np.float32(CODE_MAX)).astype(np.float32)
+    if code == "sqrt":
+        fractions = fractions * np.abs(fractions)
+    values = fractions * per_element
     return values.astype(np.float32).reshape(shape)
 
 

@@ -63,8 +63,8 @@ def on_int8_average(step_fn):
     average, lets `step_fn` update it in float32 and move the variable by
     the sign of that float32 average (so a small average that will round
     to the code 0 still moves its parameter this step), and requantizes
-    the average with each block's new largest magnitude (nearest
-    rounding). It returns `(new_value, codes, scales)`.
+    the average with each block's new largest magnitude (the sqrt code,
+    nearest rounding). It returns `(new_value, codes, scales)`.
     """
 
     def step(value, gradient, codes, scales, learning_rate, block_size, *rest):
@@ -119,11 +119,14 @@ class Soma(KerasSomaOptimizer):
     consecutive elements of the variable flattened in row-major order (a
     partial last block where the size is not a multiple; the
     `momentum_scale` slot, of shape `[ceil(size / block_size)]`). Each
-    step dequantizes (`code / 127 * scale`), updates the average in
-    float32, moves the variable by the sign of that float32 average, and
-    requantizes with each block's new largest magnitude as its scale,
-    rounding to nearest (1 + 4 / block_size bytes per parameter; the
-    Soma docs page has the format and its measured accuracy).
+    step dequantizes (`sign(code) * (code / 127) ** 2 * scale`, a square
+    law whose smallest nonzero magnitude is `scale / 16129`), updates the
+    average in float32, moves the variable by the sign of that float32
+    average, and requantizes with each block's new largest magnitude as
+    its scale, rounding `127 * sign(m) * sqrt(|m| / scale)` to nearest
+    (1 + 4 / block_size bytes per parameter; the Soma docs page has the
+    format, why nearest rounding and this code, and the measured
+    accuracy).
 
     Gradient accumulation costs no memory: with
     `gradient_accumulation_steps=N` Soma keeps no gradient accumulator

@@ -2,7 +2,7 @@
 random shapes (rank 0 to 5, dims of 1 included), dtypes and in-range
 hyperparameters match the numpy reference; out-of-range arguments raise
 ValueError; finite gradients of any magnitude never make the state or the
-variable NaN/Inf."""
+variable NaN/Inf, and block scales are never 0."""
 
 from __future__ import annotations
 
@@ -146,3 +146,6 @@ def test_finite_gradients_never_make_nan_or_inf(
     assert np.isfinite(to_numpy(variable).astype(np.float64)).all()
     for name, slot in optimizer.get_slots(variable).items():
         assert np.isfinite(to_numpy(slot).astype(np.float64)).all(), (name, magnitude)
+        if name.endswith("_scale"):
+            # Blockwise int8 state: a scale of 0 would divide by zero.
+            assert (to_numpy(slot) > 0).all(), (name, magnitude)
