@@ -98,7 +98,16 @@ def quantize_blockwise(values, block_size: int, uniform=None, code: str = "sqrt"
     scales = ops.where(ops.greater(absmax, 0.0), absmax, ops.ones_like(absmax))
     # value / scale lies in [-1, 1] (the block's largest element gives
     # exactly +-1), so neither the division nor the product can overflow.
-    scaled = ops.divide(blocked, ops.expand_dims(scales, 1))
+    # XLA may divide by multiplying with the reciprocal, which flushes to 0
+    # for scales beyond 2**126; such blocks are divided with both sides
+    # scaled by 2**-64 first (exact: powers of two), the others as they are.
+    rescale = ops.where(
+        ops.greater(scales, 2.0**100), ops.full_like(scales, 2.0**-64), 1.0
+    )
+    scaled = ops.divide(
+        ops.multiply(blocked, ops.expand_dims(rescale, 1)),
+        ops.expand_dims(ops.multiply(scales, rescale), 1),
+    )
     if code == "sqrt":
         scaled = ops.multiply(ops.sign(scaled), ops.sqrt(ops.abs(scaled)))
     scaled = ops.multiply(scaled, CODE_MAX)
