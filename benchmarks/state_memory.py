@@ -36,6 +36,14 @@ CONFIGURATIONS = [
         "Soma (momentum_dtype=bfloat16)",
         lambda: keras_soma.Soma(momentum_dtype="bfloat16"),
     ),
+    (
+        "Soma (momentum_dtype=int8, block_size=256)",
+        lambda: keras_soma.Soma(momentum_dtype="int8"),
+    ),
+    (
+        "Soma (momentum_dtype=int8, block_size=64)",
+        lambda: keras_soma.Soma(momentum_dtype="int8", block_size=64),
+    ),
     ("GradSign", lambda: keras_soma.GradSign()),
     ("SM3 (momentum=0)", lambda: keras_soma.SM3(momentum=0.0)),
     ("SM3 (momentum=0.9)", lambda: keras_soma.SM3()),

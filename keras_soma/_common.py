@@ -124,13 +124,16 @@ def check_learning_rate(learning_rate: Any) -> Any:
 STATE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def check_state_dtype(name: str, value: Any) -> str:
-    """Accepts a floating dtype name for optimizer state (e.g. momentum)."""
+def check_state_dtype(
+    name: str, value: Any, choices: Sequence[str] = STATE_DTYPES
+) -> str:
+    """Accepts a dtype name for optimizer state (e.g. momentum), one of
+    `choices` (by default the floating ones)."""
     try:
         standard = keras.backend.standardize_dtype(value)
     except (ValueError, TypeError, AttributeError):
         standard = value
-    return check_choice(name, standard, STATE_DTYPES)
+    return check_choice(name, standard, choices)
 
 
 # ---------------------------------------------------------------------------

@@ -69,11 +69,91 @@ def sign_with_zero(values: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
+# Blockwise int8 state (the format of keras_soma._quantize)
+# ---------------------------------------------------------------------------
+
+CODE_MAX = 127
+
+
+def int8_block_count(shape, block_size: int) -> int:
+    """ceil(size / block_size) blocks, at least one."""
+    size = int(np.prod(shape, dtype=np.int64))
+    return max(1, -(-size // block_size))
+
+
+def quantize_blockwise(
+    values: np.ndarray,
+    block_size: int,
+    uniform: np.ndarray | None = None,
+    code: str = "sqrt",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Float values -> (int8 codes of their shape, float32 block scales).
+
+    Blocks are `block_size` consecutive elements of the row-major
+    flattening (the last one partial); a block's scale is its largest
+    magnitude, or 1 for a block of zeros; a code is
+    `127 * sign(x) * sqrt(|x| / scale)` (`code="sqrt"`, Soma's format) or
+    `127 * x / scale` (`code="linear"`) rounded to nearest (ties to even)
+    or, with `uniform` (random numbers in [0, 1) of shape
+    `[blocks, block_size]`), `floor(x + uniform)`. NaN counts as 0 and
+    values beyond float32's range saturate.
+    """
+    shape = np.shape(values)
+    flat = np.asarray(values, np.float32).reshape(-1)
+    flat = np.where(np.isnan(flat), np.float32(0), flat)
+    bound = np.finfo(np.float32).max
+    flat = np.clip(flat, -bound, bound).astype(np.float32)
+    blocks = int8_block_count(shape, block_size)
+    padded = np.zeros(blocks * block_size, np.float32)
+    padded[: flat.size] = flat
+    blocked = padded.reshape(blocks, block_size)
+    absmax = np.abs(blocked).max(axis=1)
+    scales = np.where(absmax > 0, absmax, np.float32(1)).astype(np.float32)
+    scaled = (blocked / scales[:, None]).astype(np.float32)
+    if code == "sqrt":
+        scaled = (np.sign(scaled) * np.sqrt(np.abs(scaled))).astype(np.float32)
+    scaled = scaled * np.float32(CODE_MAX)
+    if uniform is None:
+        codes = np.round(scaled)
+    else:
+        codes = np.floor(scaled + np.asarray(uniform, np.float32))
+    codes = np.clip(codes, -CODE_MAX, CODE_MAX).astype(np.int8)
+    return codes.reshape(-1)[: flat.size].reshape(shape), scales
+
+
+def dequantize_blockwise(
+    codes: np.ndarray, scales: np.ndarray, block_size: int, code: str = "sqrt"
+) -> np.ndarray:
+    """The float32 values of int8 codes: `sign(c) * (c / 127) ** 2 * scale`
+    (`code="sqrt"`) or `c / 127 * scale` (`code="linear"`)."""
+    shape = np.shape(codes)
+    flat = np.asarray(codes).reshape(-1).astype(np.float32)
+    per_element = np.repeat(np.asarray(scales, np.float32), block_size)[: flat.size]
+    fractions = (flat / np.float32(CODE_MAX)).astype(np.float32)
+    if code == "sqrt":
+        fractions = fractions * np.abs(fractions)
+    values = fractions * per_element
+    return values.astype(np.float32).reshape(shape)
+
+
+# ---------------------------------------------------------------------------
 # Soma
 # ---------------------------------------------------------------------------
 
 
-def soma_init(variable: np.ndarray, momentum_dtype: str = "float32", **unused) -> State:
+def soma_init(
+    variable: np.ndarray,
+    momentum_dtype: str = "float32",
+    block_size: int = 256,
+    **unused,
+) -> State:
+    if momentum_dtype == "int8":
+        return {
+            "momentum": np.zeros(variable.shape, np.int8),
+            "momentum_scale": np.ones(
+                int8_block_count(variable.shape, block_size), np.float32
+            ),
+        }
     return {"momentum": np.zeros(variable.shape, numpy_dtype(momentum_dtype))}
 
 
@@ -85,18 +165,37 @@ def soma_step(
     weight_decay: float | None = None,
     momentum: float = 0.95,
     momentum_dtype: str = "float32",
+    block_size: int = 256,
 ) -> tuple[np.ndarray, State]:
-    """m <- momentum * m + (1 - momentum) * g;  theta <- theta - lr * sign(m)."""
+    """m <- momentum * m + (1 - momentum) * g;  theta <- theta - lr * sign(m).
+
+    With `momentum_dtype="int8"` the stored `m` is dequantized first, the
+    variable moves by the sign of the float32 `m`, and `m` is requantized
+    (`quantize_blockwise`, nearest rounding).
+    """
     dtype = variable.dtype
     variable = apply_weight_decay(variable, learning_rate, weight_decay)
-    average = state["momentum"].astype(np.float32) * np.float32(
-        momentum
-    ) + _saturating_astype(gradient, np.float32) * np.float32(1.0 - momentum)
-    average = _saturating_astype(average, state["momentum"].dtype)
+    quantized = momentum_dtype == "int8"
+    if quantized:
+        previous = dequantize_blockwise(
+            state["momentum"], state["momentum_scale"], block_size
+        )
+    else:
+        previous = state["momentum"].astype(np.float32)
+    average = previous * np.float32(momentum) + _saturating_astype(
+        gradient, np.float32
+    ) * np.float32(1.0 - momentum)
+    if not quantized:
+        average = _saturating_astype(average, state["momentum"].dtype)
     step = _cast_learning_rate(learning_rate, dtype) * np.sign(
         average.astype(dtype)
     ).astype(dtype)
-    return (variable - step).astype(dtype), {"momentum": average}
+    if quantized:
+        codes, scales = quantize_blockwise(average, block_size)
+        new_state = {"momentum": codes, "momentum_scale": scales}
+    else:
+        new_state = {"momentum": average}
+    return (variable - step).astype(dtype), new_state
 
 
 def clip_gradients(
@@ -135,6 +234,7 @@ def soma_accumulated_steps(
     weight_decay: float | None = None,
     momentum: float = 0.95,
     momentum_dtype: str = "float32",
+    block_size: int = 256,
     accumulation_steps: int = 1,
     clipnorm: float | None = None,
     clipvalue: float | None = None,
@@ -193,6 +293,7 @@ def soma_accumulated_steps(
                 weight_decay=weight_decay,
                 momentum=momentum,
                 momentum_dtype=momentum_dtype,
+                block_size=block_size,
             )
             for variable, mean, state in zip(variables, means, states)
         ]

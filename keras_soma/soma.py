@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from keras import ops
 
-from keras_soma import _common
+from keras_soma import _common, _quantize
 from keras_soma._base import KerasSomaOptimizer, _overwritten_with_gradient
 
 
@@ -54,6 +54,32 @@ def soma_micro_step(
     return ops.subtract(value, step), average
 
 
+def on_int8_average(step_fn):
+    """`step_fn` (`soma_update` or `soma_micro_step`) on an average stored
+    as blockwise int8 codes and float32 scales (`keras_soma._quantize`).
+
+    The returned function takes `(value, gradient, codes, scales,
+    learning_rate, block_size, *hyperparameters)`: it dequantizes the
+    average, lets `step_fn` update it in float32 and move the variable by
+    the sign of that float32 average (so a small average that will round
+    to the code 0 still moves its parameter this step), and requantizes
+    the average with each block's new largest magnitude (the sqrt code,
+    nearest rounding). It returns `(new_value, codes, scales)`.
+    """
+
+    def step(value, gradient, codes, scales, learning_rate, block_size, *rest):
+        average = _quantize.dequantize_blockwise(codes, scales, block_size)
+        new_value, average = step_fn(value, gradient, average, learning_rate, *rest)
+        return (new_value, *_quantize.quantize_blockwise(average, block_size))
+
+    return step
+
+
+# The values `momentum_dtype` takes: the float dtypes of `_common`, and
+# blockwise int8 (`keras_soma._quantize`).
+MOMENTUM_DTYPES = (*_common.STATE_DTYPES, "int8")
+
+
 def _clips(optimizer) -> bool:
     """Whether Keras clips the optimizer's gradients (it ignores values
     <= 0)."""
@@ -85,7 +111,22 @@ class Soma(KerasSomaOptimizer):
     (Bernstein et al., 2018) and of Keras's `Lion(beta_1=b, beta_2=b)`.
 
     Memory: 4 bytes of state per parameter (2 with
-    `momentum_dtype="bfloat16"`); Adam keeps 8.
+    `momentum_dtype="bfloat16"`, about 1.016 with `momentum_dtype="int8"`
+    at the default `block_size` of 256); Adam keeps 8.
+
+    With `momentum_dtype="int8"` the average is stored blockwise: int8
+    codes, the variable's shape, and one float32 scale per `block_size`
+    consecutive elements of the variable flattened in row-major order (a
+    partial last block where the size is not a multiple; the
+    `momentum_scale` slot, of shape `[ceil(size / block_size)]`). Each
+    step dequantizes (`sign(code) * (code / 127) ** 2 * scale`, a square
+    law whose smallest nonzero magnitude is `scale / 16129`), updates the
+    average in float32, moves the variable by the sign of that float32
+    average, and requantizes with each block's new largest magnitude as
+    its scale, rounding `127 * sign(m) * sqrt(|m| / scale)` to nearest
+    (1 + 4 / block_size bytes per parameter; the Soma docs page has the
+    format, why nearest rounding and this code, and the measured
+    accuracy).
 
     Gradient accumulation costs no memory: with
     `gradient_accumulation_steps=N` Soma keeps no gradient accumulator
@@ -110,8 +151,13 @@ class Soma(KerasSomaOptimizer):
         momentum: Float in [0, 1), the decay factor (the paper's gamma) of
             the moving average; 0 gives signSGD. Defaults to `0.95`.
         momentum_dtype: Dtype in which the moving average is stored,
-            `"float32"`, `"bfloat16"` or `"float16"`. It is computed in
-            float32 either way. Defaults to `"float32"`.
+            `"float32"`, `"bfloat16"`, `"float16"` or `"int8"` (blockwise,
+            see above). It is computed in float32 either way. `"int8"`
+            cannot be combined with `lazy_sparse_updates=True`. Defaults
+            to `"float32"`.
+        block_size: Int >= 1, elements per float32 scale with
+            `momentum_dtype="int8"` (ignored otherwise). Defaults to
+            `256`.
         skip_nonfinite: Bool. If `True`, a step in which any gradient
             holds NaN or Inf leaves the variables and the state untouched,
             and is counted in `optimizer.skipped_steps`. If `False`, a NaN
@@ -146,7 +192,7 @@ class Soma(KerasSomaOptimizer):
           Non-Convex Problems"](https://arxiv.org/abs/1802.04434).
     """
 
-    _slot_attributes = {"momentum": "_momentums"}
+    _slot_attributes = {"momentum": "_momentums", "momentum_scale": "_momentum_scales"}
     _offers_lazy_sparse_updates = True
 
     def __init__(
@@ -154,6 +200,7 @@ class Soma(KerasSomaOptimizer):
         learning_rate=2e-4,
         momentum: float = 0.95,
         momentum_dtype: str = "float32",
+        block_size: int = 256,
         skip_nonfinite: bool = False,
         fused=None,
         lazy_sparse_updates: bool = False,
@@ -163,7 +210,20 @@ class Soma(KerasSomaOptimizer):
         momentum = _common.check_number(
             "momentum", momentum, 0.0, 1.0, high_inclusive=False
         )
-        momentum_dtype = _common.check_state_dtype("momentum_dtype", momentum_dtype)
+        momentum_dtype = _common.check_state_dtype(
+            "momentum_dtype", momentum_dtype, MOMENTUM_DTYPES
+        )
+        block_size = _common.check_integer("block_size", block_size, 1)
+        if momentum_dtype == "int8" and lazy_sparse_updates is True:
+            raise ValueError(
+                "Argument `lazy_sparse_updates` must be False with "
+                'momentum_dtype="int8": a block of the int8 average (and its '
+                "scale) runs along the flattened variable across rows, so "
+                "the rows of a sparse gradient cannot be updated alone. Use "
+                'momentum_dtype="float32" or "bfloat16" for lazy row updates; '
+                f"received: lazy_sparse_updates={lazy_sparse_updates!r}, "
+                f"momentum_dtype={momentum_dtype!r}"
+            )
         super().__init__(
             learning_rate=learning_rate,
             name=name,
@@ -174,6 +234,7 @@ class Soma(KerasSomaOptimizer):
         )
         self.momentum = momentum
         self.momentum_dtype = momentum_dtype
+        self.block_size = block_size
         # The window length when micro-gradients are folded into the
         # average (gradient accumulation without clipping, which Keras
         # applies to the window's mean and so needs the mean itself).
@@ -222,6 +283,28 @@ class Soma(KerasSomaOptimizer):
             self.add_slot(variable, "momentum", dtype=self.momentum_dtype)
             for variable in var_list
         ]
+        if self.momentum_dtype == "int8":
+            # One float32 per block, replicated (a few bytes per block);
+            # 1 rather than 0 so that a scale is never 0.
+            self._momentum_scales = [
+                self.add_slot(
+                    variable,
+                    "momentum_scale",
+                    dtype="float32",
+                    shape=(self._block_count(variable),),
+                    layout=None,
+                    initializer="ones",
+                )
+                for variable in var_list
+            ]
+        else:
+            self._momentum_scales = None
+
+    def _block_count(self, variable) -> int:
+        size = 1
+        for dimension in variable.shape:
+            size *= int(dimension)
+        return _quantize.block_count(size, self.block_size)
 
     def _backend_apply_gradients(self, grads, trainable_variables):
         steps = self._folded_steps
@@ -259,17 +342,22 @@ class Soma(KerasSomaOptimizer):
         updated moving average (with folded gradient accumulation: folds
         the micro-gradient into the average, and moves at a window's last
         micro-step)."""
-        momentum_value = self._momentums[self._get_variable_index(variable)]
+        index = self._get_variable_index(variable)
+        slots = [self._momentums[index]]
         if self._window_starts is None:
             step_fn, hyperparameters = soma_update, (self.momentum,)
         else:
             step_fn = soma_micro_step
             hyperparameters = (self.momentum, self._folded_steps, self._window_starts)
+        if self.momentum_dtype == "int8":
+            step_fn = on_int8_average(step_fn)
+            slots.append(self._momentum_scales[index])
+            hyperparameters = (self.block_size, *hyperparameters)
         self.update_with(
             step_fn,
             variable,
             gradient,
-            [momentum_value],
+            slots,
             learning_rate,
             hyperparameters=hyperparameters,
         )
@@ -291,6 +379,10 @@ class Soma(KerasSomaOptimizer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {"momentum": self.momentum, "momentum_dtype": self.momentum_dtype}
+            {
+                "momentum": self.momentum,
+                "momentum_dtype": self.momentum_dtype,
+                "block_size": self.block_size,
+            }
         )
         return config

@@ -237,7 +237,7 @@ def _torch_compiled_stepper(optimizer, variables) -> Callable:
 def make_optimizer(spec, mode: str, **kwargs):
     if mode == "compiled_unfused":
         kwargs["fused"] = False
-    return spec.cls(**kwargs)
+    return spec.make(**kwargs)
 
 
 def to_numpy(value) -> np.ndarray:

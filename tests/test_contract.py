@@ -24,12 +24,15 @@ from helpers import (
     sparse_modes,
     to_numpy,
 )
-from registry import REGISTRY, exported_optimizers
+from registry import CONTRACT_ROWS, REGISTRY, exported_optimizers
 
 import keras_soma
 from keras_soma.memory import state_bytes_per_parameter
 
-SPECS = [pytest.param(spec, id=name) for name, spec in REGISTRY.items()]
+SPECS = [pytest.param(spec, id=name) for name, spec in CONTRACT_ROWS.items()]
+# One row per class, for what is a property of the class (its registered
+# name, its defaults).
+CLASS_SPECS = [pytest.param(spec, id=name) for name, spec in REGISTRY.items()]
 
 
 def test_registry_lists_every_export():
@@ -49,7 +52,7 @@ def test_registry_lists_every_export():
 def test_bad_arguments_raise_value_error_naming_argument(spec):
     for kwargs, argument in spec.bad_arguments:
         with pytest.raises(ValueError) as raised:
-            spec.cls(**kwargs)
+            spec.make(**kwargs)
         message = str(raised.value)
         assert f"`{argument}`" in message, (kwargs, message)
         assert "received" in message, (kwargs, message)
@@ -62,7 +65,7 @@ def test_bad_arguments_raise_value_error_naming_argument(spec):
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_config_round_trip(spec):
-    optimizer = spec.cls(**spec.config_case)
+    optimizer = spec.make(**spec.config_case)
     config = optimizer.get_config()
     for key, value in spec.config_case.items():
         assert config[key] == pytest.approx(value), key
@@ -75,7 +78,7 @@ def test_config_round_trip(spec):
     assert deserialized.get_config() == config
 
 
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("spec", CLASS_SPECS)
 def test_get_by_registered_name(spec):
     registered = keras.saving.get_registered_name(spec.cls)
     assert registered == f"keras_soma>{spec.name}"
@@ -87,7 +90,7 @@ def test_get_by_registered_name(spec):
 @pytest.mark.parametrize("spec", SPECS)
 def test_schedule_config_round_trip(spec):
     schedule = keras.optimizers.schedules.ExponentialDecay(0.01, 10, 0.5)
-    optimizer = spec.cls(learning_rate=schedule)
+    optimizer = spec.make(learning_rate=schedule)
     config = json.loads(json.dumps(keras.optimizers.serialize(optimizer)))
     restored = keras.optimizers.deserialize(config)
     assert restored.get_config() == optimizer.get_config()
@@ -136,7 +139,7 @@ def optimizer_values(optimizer):
 @pytest.mark.parametrize("spec", SPECS)
 def test_fit_lowers_loss(spec, jit_compile):
     inputs, targets = regression_problem()
-    model = compiled_model(spec.cls(learning_rate=spec.fit_learning_rate), jit_compile)
+    model = compiled_model(spec.make(learning_rate=spec.fit_learning_rate), jit_compile)
     initial = model.evaluate(inputs, targets, verbose=0)
     history = model.fit(inputs, targets, epochs=8, batch_size=32, verbose=0)
     final = model.evaluate(inputs, targets, verbose=0)
@@ -149,10 +152,10 @@ def test_save_load_continue_equals_uninterrupted(spec, tmp_path):
     inputs, targets = regression_problem()
     fit_kwargs = dict(batch_size=32, shuffle=False, verbose=0)
 
-    uninterrupted = compiled_model(spec.cls(learning_rate=spec.fit_learning_rate))
+    uninterrupted = compiled_model(spec.make(learning_rate=spec.fit_learning_rate))
     uninterrupted.fit(inputs, targets, epochs=4, **fit_kwargs)
 
-    interrupted = compiled_model(spec.cls(learning_rate=spec.fit_learning_rate))
+    interrupted = compiled_model(spec.make(learning_rate=spec.fit_learning_rate))
     interrupted.fit(inputs, targets, epochs=2, **fit_kwargs)
     path = os.path.join(tmp_path, "model.keras")
     interrupted.save(path)
@@ -176,7 +179,7 @@ def test_learning_rate_schedule_is_followed(spec):
     schedule = keras.optimizers.schedules.ExponentialDecay(
         spec.fit_learning_rate, decay_steps=4, decay_rate=0.5
     )
-    optimizer = spec.cls(learning_rate=schedule)
+    optimizer = spec.make(learning_rate=schedule)
     inputs, targets = regression_problem()
     model = compiled_model(optimizer)
     model.fit(inputs, targets, epochs=1, batch_size=32, verbose=0)
@@ -191,7 +194,7 @@ def test_learning_rate_schedule_is_followed(spec):
 
 def two_steps(spec, gradients, variable_value, **kwargs):
     variable = keras.Variable(variable_value, name="weights")
-    optimizer = spec.cls(learning_rate=0.01, **kwargs)
+    optimizer = spec.make(learning_rate=0.01, **kwargs)
     optimizer.build([variable])
     step = make_stepper(optimizer, [variable], "eager")
     for gradient in gradients:
@@ -211,12 +214,18 @@ def test_gradient_accumulation_equals_mean_gradient(spec):
     direct, direct_optimizer = two_steps(spec, [(first + second) / 2], start)
     assert not np.array_equal(to_numpy(accumulated), start), "no update happened"
     np.testing.assert_allclose(to_numpy(accumulated), to_numpy(direct), rtol=1e-6)
+    # Soma's blockwise int8 average is requantized after every micro-step:
+    # after a window of 2 it may be one code (1/127 of its block's scale)
+    # away from the average of the mean gradient.
+    quantized = spec.arguments.get("momentum_dtype") == "int8"
+    tolerances = {"momentum": (0, 1), "momentum_scale": (1 / 127, 0)}
     for name, slot in direct_optimizer.get_slots(direct).items():
+        rtol, atol = tolerances[name] if quantized else (1e-6, 1e-7)
         np.testing.assert_allclose(
             to_numpy(accumulating.get_slots(accumulated)[name]),
             to_numpy(slot),
-            rtol=1e-6,
-            atol=1e-7,
+            rtol=rtol,
+            atol=atol,
         )
 
 
@@ -270,7 +279,7 @@ def test_exclude_from_weight_decay(spec):
     keras.utils.set_random_seed(0)
     layer = keras.layers.Dense(3, bias_initializer="ones", name="dense")
     layer.build((None, 4))
-    optimizer = spec.cls(learning_rate=0.1, weight_decay=0.5)
+    optimizer = spec.make(learning_rate=0.1, weight_decay=0.5)
     optimizer.exclude_from_weight_decay(var_names=["bias"])
     kernel_before = to_numpy(layer.kernel)
     zeros = [np.zeros(layer.kernel.shape, "float32"), np.zeros((3,), "float32")]
@@ -303,12 +312,12 @@ def test_clipping_options_are_applied(spec):
 @pytest.mark.parametrize("spec", SPECS)
 def test_use_ema_keeps_average_and_loss_scale_factor(spec):
     inputs, targets = regression_problem()
-    optimizer = spec.cls(
+    optimizer = spec.make(
         learning_rate=spec.fit_learning_rate, use_ema=True, ema_momentum=0.9
     )
     model = compiled_model(optimizer)
     model.fit(inputs, targets, epochs=1, batch_size=32, verbose=0)
-    plain = spec.cls(learning_rate=spec.fit_learning_rate)
+    plain = spec.make(learning_rate=spec.fit_learning_rate)
     plain.build(model.trainable_variables)
     # One more copy of the weights: the moving average.
     assert len(optimizer.variables) == len(plain.variables) + len(
@@ -317,7 +326,7 @@ def test_use_ema_keeps_average_and_loss_scale_factor(spec):
     # fit() ends by writing the averages into the model (Keras's
     # finalize_variable_values), so its weights differ from a run without
     # EMA and are finite.
-    without_ema = compiled_model(spec.cls(learning_rate=spec.fit_learning_rate))
+    without_ema = compiled_model(spec.make(learning_rate=spec.fit_learning_rate))
     without_ema.fit(inputs, targets, epochs=1, batch_size=32, verbose=0)
     averaged = weights_of(model)
     assert any(
@@ -339,7 +348,7 @@ def test_mixed_float16_under_loss_scale_optimizer(spec):
     keras.mixed_precision.set_dtype_policy("mixed_float16")
     inputs, targets = regression_problem()
     model = small_model()
-    model.compile(optimizer=spec.cls(learning_rate=spec.fit_learning_rate), loss="mse")
+    model.compile(optimizer=spec.make(learning_rate=spec.fit_learning_rate), loss="mse")
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     initial = model.evaluate(inputs, targets, verbose=0)
     model.fit(inputs, targets, epochs=8, batch_size=32, verbose=0)
@@ -357,7 +366,7 @@ def test_mixed_float16_under_loss_scale_optimizer(spec):
 @pytest.mark.parametrize("spec", SPECS)
 def test_compiled_step_traces_once_and_keeps_dtypes(spec):
     variable = keras.Variable(np.ones((4, 3), "float32"))
-    optimizer = spec.cls(learning_rate=0.01)
+    optimizer = spec.make(learning_rate=0.01)
     optimizer.build([variable])
     dtypes_before = [v.dtype for v in optimizer.variables]
     shapes_before = [tuple(v.shape) for v in optimizer.variables]
@@ -440,7 +449,7 @@ def test_row_sparse_gradients_equal_dense_or_the_row_reference(spec, mode):
         variables, optimizers = [], []
         for _ in range(2):
             variables.append(keras.Variable(start))
-            optimizers.append(spec.cls(learning_rate=learning_rate, **arguments))
+            optimizers.append(spec.make(learning_rate=learning_rate, **arguments))
             optimizers[-1].build([variables[-1]])
         (sparse_variable, dense_variable), (sparse_optimizer, dense_optimizer) = (
             variables,
@@ -493,7 +502,7 @@ def test_elementwise_sparse_gradients_equal_dense(spec, mode):
         variables, optimizers = [], []
         for _ in range(2):
             variables.append(keras.Variable(start))
-            optimizers.append(spec.cls(learning_rate=0.05, **arguments))
+            optimizers.append(spec.make(learning_rate=0.05, **arguments))
             optimizers[-1].build([variables[-1]])
         steps = [
             make_stepper(optimizer, [variable], mode)
@@ -539,7 +548,7 @@ def measured_bytes_per_parameter(optimizer):
 @pytest.mark.parametrize("spec", SPECS)
 def test_state_bytes_per_parameter(spec):
     for kwargs, expected in spec.bytes_per_parameter:
-        measured = measured_bytes_per_parameter(spec.cls(**kwargs))
+        measured = measured_bytes_per_parameter(spec.make(**kwargs))
         assert measured == pytest.approx(expected, abs=0.005), kwargs
 
 
@@ -578,7 +587,7 @@ def test_compiled_step_needs_at_most_one_variable_sized_temporary(spec):
     gradients = [keras.ops.ones(shape) for shape in shapes]
     largest = max(int(np.prod(shape)) * 4 for shape in shapes)
     for kwargs, _ in spec.bytes_per_parameter:
-        optimizer = spec.cls(**kwargs)
+        optimizer = spec.make(**kwargs)
         optimizer.build(variables)
 
         compiled = (
@@ -591,7 +600,7 @@ def test_compiled_step_needs_at_most_one_variable_sized_temporary(spec):
             .compile()
         )
         analysis = compiled.memory_analysis()
-        assert analysis.temp_size_in_bytes <= largest, (
+        assert analysis.temp_size_in_bytes <= spec.temporary_allowance * largest, (
             kwargs,
             analysis.temp_size_in_bytes,
             largest,
@@ -622,7 +631,7 @@ def refused_build_leaves_nothing(spec, reason, **kwargs):
     builds nothing, and so does `apply` (which builds first); with
     `fused=None` the same optimizer then builds as usual."""
     variable = keras.Variable(np.ones((4, 3), "float32"))
-    optimizer = spec.cls(fused=True, **kwargs)
+    optimizer = spec.make(fused=True, **kwargs)
     assert_refused_changing_nothing(
         lambda: optimizer.build([variable]),
         fused_refusal(reason),
@@ -670,7 +679,7 @@ def test_fused_true_is_refused_at_apply_in_eager_mode(spec):
     """Built (the context of later updates is not known at build time),
     then refused by an eager `apply`, which changes no variable."""
     variable = keras.Variable(np.ones((4, 3), "float32"))
-    optimizer = spec.cls(fused=True)
+    optimizer = spec.make(fused=True)
     optimizer.build([variable])
     assert_refused_changing_nothing(
         lambda: optimizer.apply([keras.ops.ones((4, 3))], [variable]),
@@ -702,7 +711,7 @@ def test_fused_true_runs_the_kernel_inside_a_tf_function(spec, monkeypatch):
     results = {}
     for fused in (True, None):
         variable = keras.Variable(initial)
-        optimizer = spec.cls(learning_rate=0.01, fused=fused)
+        optimizer = spec.make(learning_rate=0.01, fused=fused)
         optimizer.build([variable])
         step = make_stepper(optimizer, [variable], "compiled")
         for gradient in gradients:
@@ -749,7 +758,7 @@ def test_float8_scale_variables_get_no_state(spec):
         for variable in model.trainable_variables
         if not getattr(variable, "overwrite_with_gradient", False)
     ]
-    optimizer = spec.cls(learning_rate=spec.fit_learning_rate)
+    optimizer = spec.make(learning_rate=spec.fit_learning_rate)
     model.compile(optimizer=optimizer, loss="mse")
     inputs, targets = regression_problem()
     initial = model.evaluate(inputs, targets, verbose=0)
@@ -768,7 +777,7 @@ def test_float8_scale_variables_get_no_state(spec):
         assert optimizer.get_slots(variable), variable.path
 
     plain = float8_model("float32")
-    plain_optimizer = spec.cls(learning_rate=spec.fit_learning_rate)
+    plain_optimizer = spec.make(learning_rate=spec.fit_learning_rate)
     plain_optimizer.build(plain.trainable_variables)
     assert len(optimizer.variables) == len(plain_optimizer.variables)
     assert state_bytes_per_parameter(optimizer, trained) == state_bytes_per_parameter(

@@ -16,7 +16,7 @@ from helpers import (
     random_gradient,
     to_numpy,
 )
-from registry import REGISTRY
+from registry import CONTRACT_ROWS
 
 from keras_soma._reference import numpy_dtype
 
@@ -30,12 +30,12 @@ CASES = [
         case,
         id=f"{name}-{'-'.join(f'{k}={v}' for k, v in case.items()) or 'defaults'}",
     )
-    for name, spec in REGISTRY.items()
+    for name, spec in CONTRACT_ROWS.items()
     for case in spec.reference_cases
 ]
 DEFAULT_CASES = [
     pytest.param(spec, spec.reference_cases[0], id=name)
-    for name, spec in REGISTRY.items()
+    for name, spec in CONTRACT_ROWS.items()
 ]
 
 

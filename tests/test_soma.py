@@ -454,3 +454,174 @@ def test_accumulation_in_fit_equals_keras_lion(jit_compile):
         atol=1e-7,
     )
     assert state_bytes_per_parameter(soma.optimizer, soma.trainable_variables) == 8.0
+
+
+# ---------------------------------------------------------------------------
+# momentum_dtype="int8": blockwise int8 average
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape,block_size,blocks",
+    [((), 256, 1), ((7,), 256, 1), ((5, 3), 4, 4), ((2, 3, 2, 4), 5, 10), ((8,), 8, 1)],
+)
+def test_int8_state_is_codes_and_one_scale_per_block(shape, block_size, blocks):
+    variable = keras.Variable(np.zeros(shape, "float32"))
+    optimizer = keras_soma.Soma(momentum_dtype="int8", block_size=block_size)
+    optimizer.build([variable])
+    slots = optimizer.get_slots(variable)
+    assert sorted(slots) == ["momentum", "momentum_scale"]
+    assert keras.backend.standardize_dtype(slots["momentum"].dtype) == "int8"
+    assert tuple(slots["momentum"].shape) == shape
+    assert keras.backend.standardize_dtype(slots["momentum_scale"].dtype) == "float32"
+    assert tuple(slots["momentum_scale"].shape) == (blocks,)
+    # Never 0, so a fresh block dequantizes to zeros, not NaN.
+    np.testing.assert_array_equal(to_numpy(slots["momentum_scale"]), np.ones(blocks))
+
+
+def test_float_momentum_has_no_scale_slot():
+    variable = keras.Variable(np.zeros((3,), "float32"))
+    optimizer = keras_soma.Soma()
+    optimizer.build([variable])
+    assert sorted(optimizer.get_slots(variable)) == ["momentum"]
+
+
+def quantize_round_trip(values, block_size):
+    from keras_soma import _quantize
+
+    codes, scales = _quantize.quantize_blockwise(
+        keras.ops.convert_to_tensor(np.asarray(values, "float32")), block_size
+    )
+    restored = _quantize.dequantize_blockwise(codes, scales, block_size)
+    return to_numpy(codes), to_numpy(scales), to_numpy(restored)
+
+
+def test_quantize_matches_reference_and_bounds_the_error():
+    rng = np.random.default_rng(5)
+    values = (rng.standard_normal((9, 7)) * np.logspace(-6, 2, 7)).astype("float32")
+    codes, scales, restored = quantize_round_trip(values, 8)
+    expected_codes, expected_scales = _reference.quantize_blockwise(values, 8)
+    np.testing.assert_array_equal(codes, expected_codes)
+    np.testing.assert_array_equal(scales, expected_scales)
+    np.testing.assert_array_equal(
+        restored, _reference.dequantize_blockwise(codes, scales, 8)
+    )
+    # The sqrt code: within half a code of sqrt(|x| / scale), so within
+    # (2 / 254 + 1 / 254**2) of the scale in value; each block's largest
+    # magnitude is exact, and small values keep their sign down to
+    # scale / 16129 rather than the linear code's scale / 127.
+    per_element = np.repeat(scales, 8)[: values.size].reshape(values.shape)
+    bound = per_element * (2 / 254 + 1 / 254**2) * (1 + 1e-6)
+    assert (np.abs(restored - values) <= bound).all()
+    assert (np.abs(codes) <= 127).all()
+    small = np.abs(values) >= per_element / 16129
+    assert (np.sign(restored)[small] == np.sign(values)[small]).all()
+    for block in range(len(scales)):
+        chunk = values.reshape(-1)[block * 8 : (block + 1) * 8]
+        assert scales[block] == np.abs(chunk).max()
+
+
+def test_quantize_zero_block_nan_and_overflow():
+    values = np.array([0, 0, 0, 0, np.nan, 1, np.inf, -2], "float32")
+    codes, scales, restored = quantize_round_trip(values, 4)
+    # An all-zero block: scale 1, codes 0, values 0 (not NaN).
+    np.testing.assert_array_equal(codes[:4], 0)
+    assert scales[0] == 1.0
+    np.testing.assert_array_equal(restored[:4], 0.0)
+    # NaN is stored as 0; Inf saturates, so the scale stays finite.
+    assert codes[4] == 0
+    assert np.isfinite(scales).all() and (scales > 0).all()
+    assert scales[1] == np.finfo(np.float32).max
+    assert codes[6] == 127
+
+
+def test_int8_moves_by_the_sign_of_the_float_average():
+    """An element whose average rounds to the code 0 still moves this
+    step: the sign is taken before requantizing."""
+    optimizer = keras_soma.Soma(0.1, momentum=0.5, momentum_dtype="int8", block_size=2)
+    # 5e-7 / 0.5 = 1e-6 of the block's scale: 127 * sqrt(1e-6) < 0.5.
+    variable = stepped(optimizer, [0.0, 0.0], [[1.0, 1e-6]])
+    np.testing.assert_allclose(to_numpy(variable), [-0.1, -0.1])
+    np.testing.assert_array_equal(
+        to_numpy(optimizer.get_slots(variable)["momentum"]), [127, 0]
+    )
+
+
+def test_int8_with_lazy_sparse_updates_is_refused():
+    with pytest.raises(ValueError) as raised:
+        keras_soma.Soma(momentum_dtype="int8", lazy_sparse_updates=True)
+    message = str(raised.value)
+    assert "`lazy_sparse_updates`" in message
+    assert "lazy_sparse_updates=True" in message
+    assert "momentum_dtype='int8'" in message
+
+
+@pytest.mark.parametrize("block_size", [0, -1, 2.5, "256", True, None])
+def test_block_size_must_be_a_positive_integer(block_size):
+    with pytest.raises(ValueError) as raised:
+        keras_soma.Soma(momentum_dtype="int8", block_size=block_size)
+    message = str(raised.value)
+    assert "`block_size` must be an integer >= 1" in message
+    assert f"block_size={block_size!r}" in message
+
+
+def test_unknown_momentum_dtype_names_the_valid_values():
+    with pytest.raises(ValueError) as raised:
+        keras_soma.Soma(momentum_dtype="uint8")
+    message = str(raised.value)
+    for valid in ("'float32'", "'bfloat16'", "'float16'", "'int8'"):
+        assert valid in message
+    assert "momentum_dtype='uint8'" in message
+
+
+@pytest.mark.parametrize(
+    "saved,loading", [("float32", "int8"), ("int8", "float32"), ("bfloat16", "int8")]
+)
+def test_state_of_another_momentum_dtype_is_refused_whole(saved, loading):
+    """Loading float32 state into an int8 Soma, or the reverse, raises
+    before anything is assigned."""
+    rng = np.random.default_rng(6)
+    variables = [
+        keras.Variable(rng.standard_normal(shape).astype("float32"))
+        for shape in [(6, 4), (4,)]
+    ]
+    source = keras_soma.Soma(0.01, momentum_dtype=saved)
+    source.build(variables)
+    step = make_stepper(source, variables, "eager")
+    step([rng.standard_normal(tuple(v.shape)).astype("float32") for v in variables])
+    store = {}
+    source.save_own_variables(store)
+
+    target = keras_soma.Soma(0.01, momentum_dtype=loading)
+    target.build(variables)
+    before = [to_numpy(v).copy() for v in target.variables]
+    with pytest.raises(ValueError, match="Cannot load optimizer state"):
+        target.load_own_variables(store)
+    for value, old in zip(target.variables, before):
+        np.testing.assert_array_equal(to_numpy(value), old)
+
+
+def test_int8_state_survives_keras_save_and_load(tmp_path):
+    rng = np.random.default_rng(7)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    model.compile(
+        optimizer=keras_soma.Soma(0.01, momentum_dtype="int8", block_size=4),
+        loss="mse",
+    )
+    inputs = rng.standard_normal((32, 5)).astype("float32")
+    targets = rng.standard_normal((32, 3)).astype("float32")
+    model.fit(inputs, targets, epochs=1, batch_size=8, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    config = restored.optimizer.get_config()
+    assert config["momentum_dtype"] == "int8" and config["block_size"] == 4
+    for variable, twin in zip(model.trainable_variables, restored.trainable_variables):
+        original = model.optimizer.get_slots(variable)
+        loaded = restored.optimizer.get_slots(twin)
+        assert sorted(original) == sorted(loaded)
+        for name in original:
+            np.testing.assert_array_equal(
+                to_numpy(loaded[name]), to_numpy(original[name])
+            )
+            assert to_numpy(original[name]).any(), name
