@@ -136,3 +136,23 @@ class GradSign(KerasSomaOptimizer):
         `learning_rate * c / 64`."""
         counter = self._sign_counters[self._get_variable_index(variable)]
         self.update_with(gradsign_update, variable, gradient, [counter], learning_rate)
+
+    def _torch_update(self, grads, trainable_variables, learning_rate):
+        from keras_soma import _torch_step
+
+        taken, rest = self._torch_dense_pairs(
+            grads, trainable_variables, rows_apart=self.lazy_sparse_updates
+        )
+        if not taken:
+            return rest
+        values, gradients, learning_rate, rates = self._torch_step_arguments(
+            taken, learning_rate
+        )
+        _torch_step.gradsign(
+            values,
+            gradients,
+            [self._sign_counters[index].value for index, _, _ in taken],
+            learning_rate,
+            rates,
+        )
+        return rest
