@@ -9,7 +9,9 @@
 * one update path: each optimizer writes its math once as a pure function
   of tensors (`keras.ops` only) and the base class reads the state, calls
   it, and writes the results back, fused into one XLA kernel per variable
-  on TensorFlow where Keras would otherwise run it op by op;
+  on TensorFlow where Keras would otherwise run it op by op; on PyTorch
+  in eager mode each optimizer's multi-tensor torch update
+  (`_torch_update`, in `_torch_step`) makes the step instead;
 * `skip_nonfinite`: a step whose gradients hold NaN or Inf leaves the
   variables and the state untouched and is counted (with
   `gradient_accumulation_steps`, its gradients count as zeros instead).
