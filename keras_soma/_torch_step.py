@@ -153,13 +153,14 @@ def sm3(
     rate = float(learning_rate)
     scale = 1.0 if beta_2 == 1.0 else 1.0 - beta_2
     bound = _sm3_math.update_bound(beta_2)
+    scratch = Scratch()
     left = []
     for index, (value, gradient, slots, momentum_value, decay_rate) in enumerate(
         zip(values, gradients, accumulators, momenta, decay_rates)
     ):
         rank = gradient.dim()
         if rank >= 2:
-            nu = _cover(slots, rank, beta_2, epsilon)
+            nu = _cover(slots, rank, beta_2, epsilon, scratch.like(gradient))
             nu.addcmul_(gradient, gradient, value=scale)
             maxima = [
                 torch.amax(
@@ -195,14 +196,19 @@ def sm3(
     return left
 
 
-def _cover(slots, rank: int, beta_2: float, epsilon: float):
-    """`beta_2 * min_r A_r + epsilon`, broadcast to the variable's shape (a
-    new tensor), from the accumulator vectors `slots`."""
+def _cover(slots, rank: int, beta_2: float, epsilon: float, out):
+    """`beta_2 * min_r A_r + epsilon`, broadcast to the variable's shape in
+    `out`, from the accumulator vectors `slots` (at least two)."""
     cover = None
     for axis, slot in enumerate(slots):
         vector = slot * beta_2 if beta_2 != 1.0 else slot
         shape = [1] * rank
         shape[axis] = -1
         vector = torch.add(vector, epsilon).reshape(shape)
-        cover = vector if cover is None else torch.minimum(cover, vector)
+        if cover is None:
+            cover = vector
+        elif axis == rank - 1:
+            cover = torch.minimum(cover, vector, out=out)
+        else:
+            cover = torch.minimum(cover, vector)
     return cover
