@@ -391,7 +391,11 @@ def prepare(label, factory, shapes, dtype, compiled):
     # that it does not disturb the optimizer's.
     floor_variables, floor_gradients = make_problem(shapes, dtype, seed=1)
     floor_state = [
-        keras.Variable(keras.ops.zeros(s.shape, s.dtype), dtype=s.dtype) for s in state
+        # Not trainable: torch refuses an integer (GradSign's int8) trainable one.
+        keras.Variable(
+            keras.ops.zeros(s.shape, s.dtype), dtype=s.dtype, trainable=False
+        )
+        for s in state
     ]
     if BACKEND == "tensorflow":
         step = tensorflow_step(optimizer, variables, gradients, compiled)
@@ -626,6 +630,14 @@ def main(argv=None):
         "(XLA on for TensorFlow, torch.compile on for torch)",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch only: intra-op threads (torch.set_num_threads); on a "
+        "machine shared with other work, 1 keeps an op's threads from "
+        "waiting for each other, so that a time counts the step's own work",
+    )
+    parser.add_argument(
         "--output",
         default=None,
         help="also write the tables and target checks to this Markdown file",
@@ -633,6 +645,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be >= 1")
+    if args.threads is not None:
+        if BACKEND != "torch" or args.threads < 1:
+            parser.error("--threads takes an int >= 1, on the torch backend only")
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     if BACKEND == "jax":
         modes = [True]

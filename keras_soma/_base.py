@@ -9,7 +9,9 @@
 * one update path: each optimizer writes its math once as a pure function
   of tensors (`keras.ops` only) and the base class reads the state, calls
   it, and writes the results back, fused into one XLA kernel per variable
-  on TensorFlow where Keras would otherwise run it op by op;
+  on TensorFlow where Keras would otherwise run it op by op; on PyTorch
+  in eager mode each optimizer's multi-tensor torch update
+  (`_torch_update`, in `_torch_step`) makes the step instead;
 * `skip_nonfinite`: a step whose gradients hold NaN or Inf leaves the
   variables and the state untouched and is counted (with
   `gradient_accumulation_steps`, its gradients count as zeros instead).
@@ -363,14 +365,19 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         return
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        # Where fused kernels are used, the updates of all variables of a
-        # step are collected and compiled into one XLA function: one launch
-        # per step instead of one per variable, which is what matters for
-        # models of many small variables.
-        if not self._use_fused_kernel():
-            return super()._backend_update_step(
-                grads, trainable_variables, learning_rate
-            )
+        # Where a step's updates are fused, they are all made here rather
+        # than by Keras's `update_step` per variable. On TensorFlow they are
+        # collected and compiled into one XLA function: one launch per step
+        # instead of one per variable, which is what matters for models of
+        # many small variables. On PyTorch (eager) they are written with
+        # in-place and multi-tensor torch ops (`_torch_step`).
+        path = self._fused_path()
+        if path == "torch":
+            self._torch_update_step(grads, trainable_variables, learning_rate)
+            return
+        if path != "xla":
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+            return
         self._kernel_batch.collecting = True
         try:
             super()._backend_update_step(grads, trainable_variables, learning_rate)
@@ -380,17 +387,85 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         if kernels:
             _fused.update_many(kernels)
 
-    def _use_fused_kernel(self) -> bool:
+    def _torch_update_step(self, grads, trainable_variables, learning_rate):
+        """The step on PyTorch outside torch.compile: the optimizer's
+        multi-tensor update (`_torch_update`) for the variables it takes,
+        `update_step` for the others. A step `skip_nonfinite` skips is
+        known here (eager mode), so nothing is computed for it."""
+        import torch
+
+        with torch.no_grad():
+            finite = self._finite_flag()
+            if finite is not None and not bool(finite):
+                return
+            rest = self._torch_update(
+                list(grads), list(trainable_variables), learning_rate
+            )
+            for gradient, variable in rest:
+                self.update_step(gradient, variable, learning_rate)
+
+    def _torch_update(self, grads, trainable_variables, learning_rate):
+        """Updates the variables the optimizer has a multi-tensor torch
+        update for (`keras_soma._torch_step`) and returns the `(gradient,
+        variable)` pairs left to `update_step`. The base class takes none."""
+        return list(zip(grads, trainable_variables))
+
+    def _torch_dense_pairs(self, grads, trainable_variables, rows_apart: bool):
+        """Splits a step's `(gradient, variable)` pairs into those the
+        multi-tensor torch update takes, as `(index, dense gradient,
+        variable)`, and the rest (for `update_step`).
+
+        Taken: non-empty float32 variables with float32 gradients, dense or
+        sparse ones made dense; row-sliced ones are left to the row path
+        where `rows_apart` is True.
+        """
+        taken, rest = [], []
+        for gradient, variable in zip(grads, trainable_variables):
+            row_path = rows_apart and _sparse.is_row_sliced(gradient)
+            dense = (
+                None if row_path else ops.convert_to_tensor(_sparse.densify(gradient))
+            )
+            if (
+                dense is not None
+                and keras.backend.standardize_dtype(variable.dtype) == "float32"
+                and keras.backend.standardize_dtype(dense.dtype) == "float32"
+                and int(dense.numel()) > 0
+            ):
+                taken.append((self._get_variable_index(variable), dense, variable))
+            else:
+                rest.append((gradient, variable))
+        return taken, rest
+
+    def _torch_step_arguments(self, taken, learning_rate):
+        """For `_torch_step`: the variables' torch tensors, the gradients,
+        the learning rate as a float32 scalar tensor and each variable's
+        decay rate (`weight_decay * learning_rate`, or None)."""
+        learning_rate = ops.cast(learning_rate, "float32")
+        rates = []
+        for _, _, variable in taken:
+            weight_decay = self._weight_decay_for(variable)
+            rates.append(None if weight_decay is None else weight_decay * learning_rate)
+        values = [variable.value for _, _, variable in taken]
+        gradients = [gradient for _, gradient, _ in taken]
+        return values, gradients, learning_rate, rates
+
+    def _fused_path(self) -> str | None:
+        """ "xla", "torch" or None (op by op); see `_fused`."""
         if self.fused is False:
-            return False
+            return None
         reason = _fused.unavailable_reason()
-        if reason is not None and self.fused is True:
-            raise _fused.refusal(reason)
-        return reason is None
+        if reason is not None:
+            if self.fused is True:
+                raise _fused.refusal(reason)
+            return None
+        return _fused.path()
+
+    def _use_fused_kernel(self) -> bool:
+        return self._fused_path() == "xla"
 
     def _check_requested_paths(self, in_update: bool) -> None:
         """Raises a ValueError where an option asks for an update path
-        that does not exist here (`fused=True` off the fused kernel's
+        that does not exist here (`fused=True` off the fused path's
         ground). `None` options are never refused: they take a path where
         it exists. Optimizers with paths of their own extend this.
 

@@ -338,12 +338,15 @@ def check_optional_bool(name: str, value: Any) -> bool | None:
 # The `fused` argument every keras_soma optimizer takes (see `_fused`).
 FUSED_ARG = """fused: Bool or `None`. `None` runs each variable's dense update as
             one XLA kernel on TensorFlow inside a tf.function, outside
-            tf.distribute and with op determinism off, and op by op
-            elsewhere and on other backends. `True` raises a ValueError
-            where the kernel does not exist (at build time on other
-            backends, under tf.distribute or with op determinism; at
-            `apply` in eager mode). `False` always runs op by op. The
-            numbers are the same. Defaults to `None`."""
+            tf.distribute and with op determinism off; on PyTorch in eager
+            mode (`fit`'s default there) it makes a step's updates with
+            in-place and multi-tensor torch ops (under torch.compile the
+            compiled step fuses them); elsewhere, and on JAX, op by op.
+            `True` raises a ValueError where no fused update exists (at
+            build time on JAX, under tf.distribute or with op determinism;
+            at `apply` in eager TensorFlow). `False` always runs op by op.
+            The numbers are the same up to float rounding. Defaults to
+            `None`."""
 
 
 def variable_path(variable) -> str:

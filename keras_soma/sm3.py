@@ -265,6 +265,41 @@ class SM3(KerasSomaOptimizer):
         update = self.update_rows_with if row_path else self.update_with
         update(step, variable, gradient, [*accumulators, *momentum_part], learning_rate)
 
+    def _torch_update(self, grads, trainable_variables, learning_rate):
+        if self.variant != "II" or self.epsilon == 0:
+            return super()._torch_update(grads, trainable_variables, learning_rate)
+        from keras_soma import _torch_step
+
+        taken, rest = self._torch_dense_pairs(
+            grads, trainable_variables, rows_apart=True
+        )
+        if not taken:
+            return rest
+        values, gradients, learning_rate, rates = self._torch_step_arguments(
+            taken, learning_rate
+        )
+        accumulators = []
+        for index, _, _ in taken:
+            slots = self._accumulators[index]
+            slots = slots if isinstance(slots, list) else [slots]
+            accumulators.append([slot.value for slot in slots])
+        momenta = [
+            None if self._momentums[index] is None else self._momentums[index].value
+            for index, _, _ in taken
+        ]
+        left = _torch_step.sm3(
+            values,
+            gradients,
+            accumulators,
+            momenta,
+            learning_rate,
+            self.momentum,
+            self.beta_2,
+            self.epsilon,
+            rates,
+        )
+        return rest + [(taken[i][1], taken[i][2]) for i in left]
+
     def _rows_per_block(self, variable) -> int | None:
         """Rows per block where the dense update of `variable` runs block
         by block (`_sm3_blocked.sm3_update_blocked`), else None."""

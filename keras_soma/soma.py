@@ -362,6 +362,39 @@ class Soma(KerasSomaOptimizer):
             hyperparameters=hyperparameters,
         )
 
+    def _torch_update(self, grads, trainable_variables, learning_rate):
+        if self.momentum_dtype != "float32":
+            return super()._torch_update(grads, trainable_variables, learning_rate)
+        from keras_soma import _torch_step
+
+        taken, rest = self._torch_dense_pairs(
+            grads, trainable_variables, rows_apart=self.lazy_sparse_updates
+        )
+        if not taken:
+            return rest
+        values, gradients, learning_rate, rates = self._torch_step_arguments(
+            taken, learning_rate
+        )
+        window = {}
+        if self._window_starts is not None:
+            # Eager: the window's place is known, as Keras's own `cond` on
+            # torch knows it.
+            window = {
+                "starts": bool(self._window_starts),
+                "ends": bool(self._window_ends),
+                "steps": self._folded_steps,
+            }
+        _torch_step.soma(
+            values,
+            gradients,
+            [self._momentums[index].value for index, _, _ in taken],
+            learning_rate,
+            self.momentum,
+            rates,
+            **window,
+        )
+        return rest
+
     def _step_computation(self, step_fn, targets, hyperparameters):
         compute = super()._step_computation(step_fn, targets, hyperparameters)
         ends = self._window_ends

@@ -44,3 +44,6 @@ requires_tensorflow = pytest.mark.skipif(
 requires_jax = pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="JAX backend only"
 )
+requires_torch = pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="PyTorch backend only"
+)

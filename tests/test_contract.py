@@ -12,7 +12,7 @@ import os
 import keras
 import numpy as np
 import pytest
-from conftest import requires_tensorflow
+from conftest import requires_tensorflow, requires_torch
 from helpers import (
     TOLERANCE,
     assert_refused_changing_nothing,
@@ -613,16 +613,17 @@ def test_compiled_step_needs_at_most_one_variable_sized_temporary(spec):
 
 
 # ---------------------------------------------------------------------------
-# fused=True: the fused kernel, or a ValueError saying where it exists
+# fused=True: the fused path (the XLA kernel on TensorFlow, multi-tensor
+# torch ops on PyTorch), or a ValueError saying where it exists
 # ---------------------------------------------------------------------------
 
 
 def fused_refusal(reason):
     """The start of the message refusing `fused=True`, with its reason."""
     return (
-        r"`fused` can be True only where the fused XLA kernel exists: on the "
-        rf"TensorFlow backend, inside a tf.function.*Here {reason}; "
-        r"received: fused=True"
+        r"`fused` can be True only where a fused update exists: on the "
+        r"TensorFlow backend, inside a tf.function.*on the PyTorch backend.*"
+        rf"Here {reason}; received: fused=True"
     )
 
 
@@ -650,10 +651,10 @@ def refused_build_leaves_nothing(spec, reason, **kwargs):
 
 
 @pytest.mark.skipif(
-    keras.backend.backend() == "tensorflow", reason="backends without the kernel"
+    keras.backend.backend() != "jax", reason="the backend without a fused path"
 )
 @pytest.mark.parametrize("spec", SPECS)
-def test_fused_true_is_refused_at_build_off_tensorflow(spec):
+def test_fused_true_is_refused_at_build_on_jax(spec):
     refused_build_leaves_nothing(spec, f"the backend is {keras.backend.backend()!r}")
 
 
@@ -722,6 +723,89 @@ def test_fused_true_runs_the_kernel_inside_a_tf_function(spec, monkeypatch):
     assert kernels == [1, 1]  # one kernel per trace, of the one variable
     for with_true, with_none in zip(results[True], results[None]):
         np.testing.assert_array_equal(with_true, with_none)
+
+
+def count_torch_steps(monkeypatch):
+    """The calls of the multi-tensor torch updates (`_torch_step`), by
+    name, from now on."""
+    from keras_soma import _torch_step
+
+    calls = []
+    for name in ("soma", "gradsign", "sm3"):
+        original = getattr(_torch_step, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(_torch_step, name, counted)
+    return calls
+
+
+@requires_torch
+@pytest.mark.parametrize("spec", SPECS)
+def test_fused_takes_the_multi_tensor_torch_path_in_eager_mode(spec, monkeypatch):
+    """On PyTorch in eager mode (`fit`'s default there), `fused=None` and
+    `fused=True` update every variable of a step in one multi-tensor call,
+    `fused=False` op by op, and the numbers agree: exactly between `True`
+    and `None`, to rounding with `False`. With `weight_decay` the decay
+    is folded in as on the other paths."""
+    calls = count_torch_steps(monkeypatch)
+    rng = np.random.default_rng(0)
+    shapes = [(5, 4), (4,), (), (3, 2, 4)]
+    initial = [rng.standard_normal(shape).astype("float32") for shape in shapes]
+    gradients = [[random_gradient(rng, shape) for shape in shapes] for _ in range(4)]
+    results, counts = {}, {}
+    for fused in (True, None, False):
+        variables = [keras.Variable(value) for value in initial]
+        optimizer = spec.cls(learning_rate=0.01, weight_decay=0.1, fused=fused)
+        before = len(calls)
+        for step in gradients:
+            optimizer.apply([keras.ops.convert_to_tensor(g) for g in step], variables)
+        counts[fused] = len(calls) - before
+        results[fused] = [to_numpy(v) for v in [*variables, *optimizer.variables]]
+    assert counts == {True: 4, None: 4, False: 0}
+    for with_true, with_none, with_false in zip(
+        results[True], results[None], results[False]
+    ):
+        np.testing.assert_array_equal(with_true, with_none)
+        np.testing.assert_allclose(
+            with_none.astype("float64"),
+            with_false.astype("float64"),
+            rtol=TOLERANCE["float32"],
+            atol=TOLERANCE["float32"],
+        )
+
+
+@requires_torch
+@pytest.mark.parametrize("spec", SPECS)
+def test_fused_true_under_torch_compile_is_the_compiled_step(spec, monkeypatch):
+    """Under torch.compile (`fit(jit_compile=True)`) `fused=True` is not
+    refused: the `keras.ops` update is traced into the compiled step, which
+    fuses it, rather than the multi-tensor update (whose checks of values
+    would split the graph). The numbers are eager mode's."""
+    calls = count_torch_steps(monkeypatch)
+    rng = np.random.default_rng(0)
+    initial = rng.standard_normal((4, 3)).astype("float32")
+    gradients = [random_gradient(rng, (4, 3)) for _ in range(2)]
+    results = {}
+    for mode in ("compiled", "eager"):
+        variable = keras.Variable(initial)
+        optimizer = spec.cls(learning_rate=0.01, fused=True)
+        optimizer.build([variable])
+        step = make_stepper(optimizer, [variable], mode)
+        before = len(calls)
+        for gradient in gradients:
+            step([gradient])
+        results[mode] = (len(calls) - before, to_numpy(variable))
+    assert results["compiled"][0] == 0
+    assert results["eager"][0] == 2
+    np.testing.assert_allclose(
+        results["compiled"][1],
+        results["eager"][1],
+        rtol=TOLERANCE["float32"],
+        atol=TOLERANCE["float32"],
+    )
 
 
 # ---------------------------------------------------------------------------

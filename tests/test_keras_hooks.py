@@ -16,8 +16,12 @@ The hooks:
   Keras's separate weight-decay pass; keras_soma folds the decay into its
   own update (`keras_soma/_base.py`).
 * `Optimizer._backend_update_step(grads, trainable_variables,
-  learning_rate)`: overridden to batch one step's fused XLA updates; it
-  must call `update_step` for each variable synchronously.
+  learning_rate)`: overridden to batch one step's fused XLA updates (Keras's
+  own must call `update_step` for each variable synchronously) and, on
+  PyTorch in eager mode, to make all of a step's updates with multi-tensor
+  torch ops (it must be given the step's gradients and variables, in
+  order, after weight decay's hook and without the variables Keras
+  overwrites with their gradient).
 * `Optimizer._get_variable_index(variable)`: each variable's state.
 * `Optimizer._use_weight_decay(variable)`: `exclude_from_weight_decay`.
 * `Optimizer._trainable_variables`: read by `apply` with `skip_nonfinite`.
@@ -56,7 +60,8 @@ OPTIMIZER_HOOKS = {
     ),
     "_backend_update_step": (
         ["grads", "trainable_variables", "learning_rate"],
-        "keras_soma overrides it to batch one step's fused XLA updates "
+        "keras_soma overrides it to batch one step's fused XLA updates and, "
+        "on PyTorch, to make a step's updates with multi-tensor torch ops "
         "(keras_soma/_base.py)",
     ),
     "_get_variable_index": (
@@ -102,7 +107,12 @@ def spy_class(cls):
             return super()._apply_weight_decay(variables)
 
         def _backend_update_step(self, grads, trainable_variables, learning_rate):
-            self.events.append(("_backend_update_step", list(trainable_variables)))
+            self.events.append(
+                (
+                    "_backend_update_step",
+                    [self._get_variable_index(v) for v in trainable_variables],
+                )
+            )
             super()._backend_update_step(grads, trainable_variables, learning_rate)
             self.events.append(("_backend_update_step returned", None))
 
@@ -115,15 +125,16 @@ def spy_class(cls):
     return Spy
 
 
-def spied_step(spec):
-    """One eager `apply` of a spying `spec.cls` with weight decay, on two
-    ordinary variables and one that Keras overwrites with its gradient."""
+def spied_step(spec, **kwargs):
+    """One eager `apply` of a spying `spec.cls(**kwargs)` with weight decay,
+    on two ordinary variables and one that Keras overwrites with its
+    gradient."""
     kernel = keras.Variable(np.ones((2, 3), "float32"), name="kernel")
     bias = keras.Variable(np.ones((3,), "float32"), name="bias")
     scale = keras.Variable(np.ones((), "float32"), name="scale")
     scale.overwrite_with_gradient = True
     variables = [kernel, bias, scale]
-    optimizer = spy_class(spec.cls)(learning_rate=0.1, weight_decay=0.5)
+    optimizer = spy_class(spec.cls)(learning_rate=0.1, weight_decay=0.5, **kwargs)
     optimizer.build(variables)
     gradients = [
         keras.ops.full((2, 3), 0.25),
@@ -134,9 +145,20 @@ def spied_step(spec):
     return optimizer, variables
 
 
+# On PyTorch in eager mode, `fused=None` makes the updates in
+# `_backend_update_step` itself (no `update_step`); `fused=False` runs
+# Keras's own `_backend_update_step`, as every backend's other paths do.
+FUSED_CASES = (
+    [pytest.param(None, id="fused=None"), pytest.param(False, id="fused=False")]
+    if keras.backend.backend() == "torch"
+    else [pytest.param(None, id="fused=None")]
+)
+
+
+@pytest.mark.parametrize("fused", FUSED_CASES)
 @pytest.mark.parametrize("spec", SPECS)
-def test_keras_calls_the_overridden_hooks_during_apply(spec):
-    optimizer, (_, _, scale) = spied_step(spec)
+def test_keras_calls_the_overridden_hooks_during_apply(spec, fused):
+    optimizer, (_, _, scale) = spied_step(spec, fused=fused)
     names = [name for name, _ in optimizer.events]
     assert "_apply_weight_decay" in names, (
         f"{KERAS} no longer calls Optimizer._apply_weight_decay during apply; "
@@ -156,17 +178,28 @@ def test_keras_calls_the_overridden_hooks_during_apply(spec):
     )
     start = names.index("_backend_update_step")
     end = names.index("_backend_update_step returned")
+    assert optimizer.events[start][1] == [0, 1], (
+        f"{KERAS} no longer passes Optimizer._backend_update_step the step's "
+        "variables (in order, without those it overwrites with their "
+        "gradient); keras_soma makes a step's updates from them "
+        "(keras_soma/_base.py) — update it"
+    )
     updated = [index for name, index in optimizer.events if name == "update_step"]
     inside = [
         index
         for position, (name, index) in enumerate(optimizer.events)
         if name == "update_step" and start < position < end
     ]
-    assert inside == [0, 1], (
-        f"{KERAS}'s Optimizer._backend_update_step no longer calls update_step "
-        "for each variable before it returns; keras_soma collects the fused "
-        "kernels of a step in between (keras_soma/_base.py) — update it"
-    )
+    if keras.backend.backend() == "torch" and fused is None:
+        # The multi-tensor torch update made them (keras_soma/_torch_step.py).
+        assert updated == [], updated
+    else:
+        assert inside == [0, 1], (
+            f"{KERAS}'s Optimizer._backend_update_step no longer calls "
+            "update_step for each variable before it returns; keras_soma "
+            "collects the fused kernels of a step in between "
+            "(keras_soma/_base.py) — update it"
+        )
     assert 2 not in updated, (
         f"{KERAS} passes a variable with overwrite_with_gradient=True to "
         "update_step; keras_soma creates no state for such variables "

@@ -1,0 +1,214 @@
+"""Private: the updates as in-place and multi-tensor torch ops.
+
+The fused path on PyTorch outside torch.compile (see `_fused`), which is
+Keras's default `fit` path on torch (`jit_compile="auto"` is eager there).
+Run op by op, each `keras.ops` call of the pure update functions (in
+`soma.py`, `gradsign.py`, `sm3.py`) writes a full-size temporary that the
+next one reads: several times the bytes the step has to move. Here each
+update is written once more with torch's in-place ops (`mul_`, `add_`,
+`addcmul_`, `addcdiv_`) and multi-tensor `torch._foreach_*` ops, so that a
+step makes a few passes over memory per variable and keeps at most one
+temporary of a variable's size at a time, reused from variable to
+variable (`Scratch`).
+
+The functions take torch tensors (the `.value` of Keras variables, which
+they update in place) and run under `torch.no_grad()` (the caller's). The
+numbers are the numpy reference's (`keras_soma._reference`) up to float32
+rounding; where a rewriting changes the rounding it is said. Rare cases
+whose exact handling would cost a pass every step (a NaN average for Soma,
+saturated or non-finite accumulators for SM3) are detected with one small
+reduction and handled exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from keras_soma import _sm3_math
+
+FLOAT32_MAX = _sm3_math.FLOAT32_MAX
+
+
+class Scratch:
+    """Temporaries for one step, reused from variable to variable: one
+    flat buffer per dtype, as large as the largest variable of the step,
+    whose first elements serve each variable. A fresh full-size temporary
+    per op costs more than the op on CPU (the allocator hands large blocks
+    back to the system, and every new one is faulted in page by page)."""
+
+    def __init__(self):
+        self._buffers = {}
+
+    def like(self, tensor, dtype=None):
+        """An uninitialized tensor of `tensor`'s shape and `dtype` (by
+        default its own): the same memory on every call with that dtype
+        (grown where a larger one is asked for)."""
+        dtype = dtype or tensor.dtype
+        count = int(tensor.numel())
+        buffer = self._buffers.get(dtype)
+        if buffer is None or buffer.numel() < count:
+            buffer = torch.empty(count, dtype=dtype, device=tensor.device)
+            self._buffers[dtype] = buffer
+        return buffer[:count].view(tensor.shape)
+
+
+def decay(value, rate) -> None:
+    """Decoupled weight decay in place: `value - value * rate` with `rate`
+    (weight_decay * learning_rate, a scalar tensor) or nothing for None.
+    The reference rounds `(value * weight_decay) * learning_rate`; the
+    difference is in the last bit of the decay term."""
+    if rate is not None:
+        value.addcmul_(value, rate, value=-1)
+
+
+def soma(
+    values,
+    gradients,
+    averages,
+    learning_rate,
+    momentum: float,
+    decay_rates,
+    starts: bool = True,
+    ends: bool = True,
+    steps: int = 1,
+) -> None:
+    """Soma's step (`soma.soma_update`) for float32 variables, gradients and
+    averages; with gradient accumulation folded into the average,
+    `soma.soma_micro_step` (`starts`, `ends`: the micro-step's place in its
+    window of `steps`).
+
+    Passes per variable: the average is scaled and the gradient added in
+    place (two), the sign is taken (one, into a temporary) and the
+    variable moved by `learning_rate` times it (one).
+    """
+    if starts:
+        torch._foreach_mul_(averages, momentum)
+    torch._foreach_add_(averages, gradients, alpha=(1.0 - momentum) / steps)
+    if not ends:
+        return
+    scratch = Scratch()
+    for value, average, rate in zip(values, averages, decay_rates):
+        decay(value, rate)
+        sign = torch.sign(average, out=scratch.like(average))
+        value.addcmul_(sign, learning_rate, value=-1)
+    # torch's sign is 0 for NaN, where the reference's is NaN (a NaN
+    # average makes its parameter NaN): a NaN average is rare, and found by
+    # one max per average (a max is NaN where an element is), in one sync.
+    peaks = torch.stack([torch.amax(average) for average in averages])
+    if bool(torch.isnan(peaks).any()):
+        for value, average in zip(values, averages):
+            value.masked_fill_(torch.isnan(average), float("nan"))
+
+
+def gradsign(values, gradients, counters, learning_rate, decay_rates) -> None:
+    """GradSign's step (`gradsign.gradsign_update`) for float32 variables
+    and gradients and int8 counters.
+
+    torch's sign is 0 for NaN and +-1 for +-Inf: GradSign's NaN-safe sign
+    as it is. The counter is updated in int8 (three passes over one byte a
+    parameter, one more to add the sign); the variable moves by
+    `(learning_rate / 64) * c`, the reference's `learning_rate * (c / 64)`
+    to the bit (both scalings by 64 are exact).
+    """
+    step = learning_rate / 64
+    scratch = Scratch()
+    for value, gradient, counter, rate in zip(values, gradients, counters, decay_rates):
+        # c - floor((c + 4) / 8) as an arithmetic shift, as the reference.
+        small = torch.add(counter, 4, out=scratch.like(counter))
+        counter.sub_(small.bitwise_right_shift_(3))
+        sign = torch.sign(gradient, out=scratch.like(gradient))
+        counter.add_(small.copy_(sign), alpha=8)
+        decay(value, rate)
+        value.addcmul_(sign.copy_(counter), step, value=-1)
+
+
+def sm3(
+    values,
+    gradients,
+    accumulators,
+    momenta,
+    learning_rate,
+    momentum: float,
+    beta_2: float,
+    epsilon: float,
+    decay_rates,
+) -> list[int]:
+    """SM3's variant II step (`sm3.sm3_update`) for float32 variables and
+    gradients, with `epsilon > 0`; returns the positions of the variables
+    it left untouched, for the exact op-by-op update.
+
+    `accumulators[i]` is the list of a variable's accumulators (one per
+    axis for rank >= 2, one full-size for rank 0 and 1) and `momenta[i]`
+    its momentum or None (momentum 0).
+
+    For rank >= 2, `epsilon` is added to the accumulators (vectors) before
+    their minimum is broadcast, rather than to the full-size `nu`: `nu +
+    epsilon` is then made in the pass that adds `g * g`, and the new
+    accumulators are the maxima less `epsilon` (the same numbers but for
+    rounding where `nu` is within a few units of `epsilon`). The clip of
+    the update to its bound, a no-op but for rounding where nothing
+    saturated, is left out. A variable whose `nu` is not finite anywhere
+    (a saturated sum, or a NaN gradient) is left to the exact update.
+    """
+    rate = float(learning_rate)
+    scale = 1.0 if beta_2 == 1.0 else 1.0 - beta_2
+    bound = _sm3_math.update_bound(beta_2)
+    scratch = Scratch()
+    left = []
+    for index, (value, gradient, slots, momentum_value, decay_rate) in enumerate(
+        zip(values, gradients, accumulators, momenta, decay_rates)
+    ):
+        rank = gradient.dim()
+        if rank >= 2:
+            nu = _cover(slots, rank, beta_2, epsilon, scratch.like(gradient))
+            nu.addcmul_(gradient, gradient, value=scale)
+            maxima = [
+                torch.amax(
+                    nu, dim=tuple(other for other in range(rank) if other != axis)
+                )
+                for axis in range(rank)
+            ]
+            if not bool(torch.isfinite(maxima[0]).all()):
+                left.append(index)
+                continue
+            for slot, maximum in zip(slots, maxima):
+                slot.copy_(maximum.sub_(epsilon).clamp_max_(FLOAT32_MAX))
+            update = nu.sqrt_()  # sqrt(nu + epsilon); divided into g below
+            decay(value, decay_rate)
+            if momentum_value is None:
+                value.addcdiv_(gradient, update, value=-rate)
+                continue
+            torch.div(gradient, update, out=update)
+        else:
+            (slot,) = slots
+            if beta_2 != 1.0:
+                slot.mul_(beta_2)
+            slot.addcmul_(gradient, gradient, value=scale).clamp_max_(FLOAT32_MAX)
+            update = torch.where(
+                slot > 0, gradient / torch.sqrt(slot + epsilon), 0.0
+            ).clamp_(-bound, bound)
+            decay(value, decay_rate)
+        if momentum_value is None:
+            value.addcmul_(update, learning_rate, value=-1)
+        else:
+            momentum_value.mul_(momentum).add_(update, alpha=1.0 - momentum)
+            value.addcmul_(momentum_value, learning_rate, value=-1)
+    return left
+
+
+def _cover(slots, rank: int, beta_2: float, epsilon: float, out):
+    """`beta_2 * min_r A_r + epsilon`, broadcast to the variable's shape in
+    `out`, from the accumulator vectors `slots` (at least two)."""
+    cover = None
+    for axis, slot in enumerate(slots):
+        vector = slot * beta_2 if beta_2 != 1.0 else slot
+        shape = [1] * rank
+        shape[axis] = -1
+        vector = torch.add(vector, epsilon).reshape(shape)
+        if cover is None:
+            cover = vector
+        elif axis == rank - 1:
+            cover = torch.minimum(cover, vector, out=out)
+        else:
+            cover = torch.minimum(cover, vector)
+    return cover
