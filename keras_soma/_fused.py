@@ -62,7 +62,11 @@ def torch_compiling() -> bool:
     """Whether torch.compile is tracing the code running now."""
     import torch
 
-    return bool(torch.compiler.is_compiling())
+    # `torch.compiler.is_compiling` is torch 2.3's; the extra allows 2.1.
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return bool(compiler.is_compiling())
+    return bool(torch._dynamo.is_compiling())
 
 
 def unavailable_reason(in_update: bool = True) -> str | None:
