@@ -19,7 +19,7 @@ Importing the package registers every class with Keras's serialization, so
 `.keras` files that use them load without `custom_objects`.
 """
 
-from keras_soma import memory, monitoring, schedules
+from keras_soma import distribute, memory, monitoring, schedules
 from keras_soma.callbacks import PolyakAveraging
 from keras_soma.gradsign import GradSign
 from keras_soma.sm3 import SM3
@@ -32,6 +32,7 @@ __all__ = [
     "PolyakAveraging",
     "SM3",
     "Soma",
+    "distribute",
     "memory",
     "monitoring",
     "schedules",

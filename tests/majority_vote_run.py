@@ -1,0 +1,136 @@
+"""Majority-vote Soma over N host devices, started by `test_distribute.py`
+in a process of its own (XLA reads the device count when JAX starts).
+
+    python tests/majority_vote_run.py OUTPUT_DIRECTORY CASE [CASE ...]
+
+where each CASE is `WORKERS,EXCHANGE,WEIGHT_DECAY,NAN_STEP` (`none` for no
+weight decay; NAN_STEP `none`, or the step at which the first worker's
+shard holds a NaN, which turns `skip_nonfinite` on), e.g. `4,packed,0.1,none`.
+
+Trains a linear model (`Dense`, mean squared error, whose per-worker
+gradients the test computes in numpy) with `fit` under
+`DataParallel(devices=first WORKERS host devices)` and
+`keras_soma.distribute.majority_vote`, one batch of `GLOBAL_BATCH` per
+step, and writes the data, the initial weights, the weights after every
+step and the final per-worker momenta to OUTPUT_DIRECTORY/CASE.npz.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+GLOBAL_BATCH = 24  # divisible by 2, 3 and 4 workers
+FEATURES = 6
+OUTPUTS = 3
+LEARNING_RATE = 0.05
+MOMENTUM = 0.5
+
+
+STEPS = 12
+
+
+def parse_case(case):
+    workers, exchange, weight_decay, nan_step = case.split(",")
+    return {
+        "workers": int(workers),
+        "exchange": exchange,
+        "weight_decay": None if weight_decay == "none" else float(weight_decay),
+        "nan_step": None if nan_step == "none" else int(nan_step),
+    }
+
+
+def data(steps, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    inputs = rng.standard_normal((steps * GLOBAL_BATCH, FEATURES)).astype("float32")
+    teacher = rng.standard_normal((FEATURES, OUTPUTS))
+    noise = rng.standard_normal((steps * GLOBAL_BATCH, OUTPUTS))
+    targets = (inputs @ teacher + noise).astype("float32")
+    return inputs, targets
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    for case in argv[1:]:
+        run_case(os.path.join(argv[0], f"{case}.npz"), **parse_case(case))
+
+
+def run_case(output, workers, exchange, weight_decay, nan_step):
+    import keras
+    import numpy as np
+
+    import keras_soma
+
+    inputs, targets = data(STEPS)
+    if nan_step is not None:
+        inputs[nan_step * GLOBAL_BATCH, 0] = np.nan
+    skip_nonfinite = nan_step is not None
+    devices = keras.distribution.list_devices("cpu")[:workers]
+    distribution = keras.distribution.DataParallel(devices=devices)
+    weights_after_step = []
+
+    class RecordWeights(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            weights_after_step.append([np.asarray(v) for v in self.model.get_weights()])
+
+    with distribution.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [keras.Input((FEATURES,)), keras.layers.Dense(OUTPUTS)]
+        )
+        model.compile(
+            optimizer=keras_soma.Soma(
+                learning_rate=LEARNING_RATE,
+                momentum=MOMENTUM,
+                weight_decay=weight_decay,
+                skip_nonfinite=skip_nonfinite,
+            ),
+            loss="mse",
+        )
+        keras_soma.distribute.majority_vote(model, exchange=exchange)
+        initial = [np.asarray(v) for v in model.get_weights()]
+        history = model.fit(
+            inputs,
+            targets,
+            batch_size=GLOBAL_BATCH,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=[RecordWeights()],
+        )
+    optimizer = model.optimizer
+    momenta = [
+        keras.ops.convert_to_numpy(optimizer.get_slots(v)["momentum"])
+        for v in model.trainable_variables
+    ]
+    shardings = [
+        str(optimizer.get_slots(v)["momentum"].value.sharding.spec)
+        for v in model.trainable_variables
+    ]
+    np.savez(
+        output,
+        inputs=inputs,
+        targets=targets,
+        kernel_0=initial[0],
+        bias_0=initial[1],
+        kernels=np.stack([w[0] for w in weights_after_step]),
+        biases=np.stack([w[1] for w in weights_after_step]),
+        kernel_momenta=momenta[0],
+        bias_momenta=momenta[1],
+        iterations=int(keras.ops.convert_to_numpy(optimizer.iterations)),
+        skipped=int(keras.ops.convert_to_numpy(optimizer.skipped_steps))
+        if skip_nonfinite
+        else -1,
+        loss=np.asarray(history.history["loss"]),
+        shardings=np.asarray(shardings),
+    )
+
+
+if __name__ == "__main__":
+    main()

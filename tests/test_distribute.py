@@ -1,0 +1,247 @@
+"""Majority-vote Soma (`keras_soma.distribute.majority_vote`) on JAX.
+
+* Exactness: `majority_vote_run.py` trains a linear model with `fit` over
+  2, 3 and 4 host devices (a process of its own: XLA reads the device
+  count when JAX starts); the test simulates the same workers in numpy
+  (`_reference.majority_vote_soma_step`, with the per-worker gradients of
+  the mean squared error written out by hand) and asserts that every
+  step's majority is the same integer and that the weights and every
+  worker's momentum agree to float rounding.
+* Bad input: an optimizer without a sign of momentum, no DataParallel
+  distribution, options the vote does not support, another backend.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from conftest import requires_jax
+
+import keras_soma
+from keras_soma._reference import apply_weight_decay, majority_vote_soma_step
+
+TESTS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+REPOSITORY = os.path.dirname(TESTS_DIRECTORY)
+sys.path.insert(0, TESTS_DIRECTORY)
+import majority_vote_run as run  # noqa: E402
+
+# WORKERS,EXCHANGE,WEIGHT_DECAY,NAN_STEP (see majority_vote_run.py); 2 and
+# 4 workers can tie, 3 cannot; step 5 holds a NaN on the first worker.
+CASES = [
+    "2,packed,none,none",
+    "3,packed,0.1,none",
+    "4,packed,none,none",
+    "2,int8,0.1,none",
+    "3,int8,none,none",
+    "4,int8,none,none",
+    "4,packed,0.1,5",
+]
+RUN_TIMEOUT_SECONDS = 540
+
+
+@pytest.fixture(scope="module")
+def vote_runs(tmp_path_factory):
+    """One process trains every case of CASES; returns its output folder."""
+    if keras.backend.backend() != "jax":
+        pytest.skip("JAX backend only")
+    output = tmp_path_factory.mktemp("vote")
+    environment = {
+        **os.environ,
+        "PYTHONPATH": REPOSITORY,
+        "KERAS_BACKEND": "jax",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    }
+    completed = subprocess.run(
+        [sys.executable, os.path.join(TESTS_DIRECTORY, "majority_vote_run.py")]
+        + [str(output)]
+        + CASES,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_SECONDS,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return output
+
+
+def worker_gradients(kernel, bias, inputs, targets, workers):
+    """Each worker's gradient of Keras's mean squared error of `x @ kernel
+    + bias` on its shard (in float64, then float32)."""
+    kernel_gradients, bias_gradients = [], []
+    for shard_inputs, shard_targets in zip(
+        np.split(inputs.astype(np.float64), workers),
+        np.split(targets.astype(np.float64), workers),
+    ):
+        error = shard_inputs @ kernel + bias - shard_targets
+        scale = 2.0 / error.size
+        kernel_gradients.append(scale * shard_inputs.T @ error)
+        bias_gradients.append(scale * error.sum(axis=0))
+    return (
+        np.stack(kernel_gradients).astype(np.float32),
+        np.stack(bias_gradients).astype(np.float32),
+    )
+
+
+@requires_jax
+@pytest.mark.parametrize("case", CASES)
+def test_majority_vote_equals_numpy_workers(vote_runs, case):
+    arguments = run.parse_case(case)
+    workers, weight_decay = arguments["workers"], arguments["weight_decay"]
+    skip_nonfinite = arguments["nan_step"] is not None
+    result = np.load(os.path.join(vote_runs, f"{case}.npz"))
+    assert result["iterations"] == run.STEPS
+    # Every device holds its own worker's momenta only.
+    assert all("batch" in spec for spec in result["shardings"]), result["shardings"]
+    inputs, targets = result["inputs"], result["targets"]
+    kernel, bias = result["kernel_0"], result["bias_0"]
+    kernel_momenta = np.zeros((workers, *kernel.shape), np.float32)
+    bias_momenta = np.zeros((workers, *bias.shape), np.float32)
+    previous = (kernel, bias)
+    ties = skipped = 0
+    for step in range(run.STEPS):
+        batch = slice(step * run.GLOBAL_BATCH, (step + 1) * run.GLOBAL_BATCH)
+        kernel_gradients, bias_gradients = worker_gradients(
+            kernel, bias, inputs[batch], targets[batch], workers
+        )
+        finite = (
+            np.isfinite(kernel_gradients).all() and np.isfinite(bias_gradients).all()
+        )
+        skipped += int(not finite)
+        hyper = {
+            "learning_rate": run.LEARNING_RATE,
+            "weight_decay": weight_decay,
+            "momentum": run.MOMENTUM,
+            "skip_nonfinite": skip_nonfinite,
+        }
+        kernel, kernel_momenta, kernel_tally = majority_vote_soma_step(
+            kernel, kernel_gradients, kernel_momenta, **hyper
+        )
+        bias, bias_momenta, bias_tally = majority_vote_soma_step(
+            bias, bias_gradients, bias_momenta, **hyper
+        )
+        actual = (result["kernels"][step], result["biases"][step])
+        for name, tally, before, after in zip(
+            ("kernel", "bias"), (kernel_tally, bias_tally), previous, actual
+        ):
+            ties += int(np.sum(tally == 0))
+            # The move the distributed run made, as an integer majority.
+            decayed = apply_weight_decay(before, run.LEARNING_RATE, weight_decay)
+            moved = np.rint((decayed - after) / np.float32(run.LEARNING_RATE))
+            expected = np.sign(tally) if finite or not skip_nonfinite else 0 * tally
+            if not finite and skip_nonfinite:
+                moved = np.rint((before - after) / np.float32(run.LEARNING_RATE))
+            np.testing.assert_array_equal(
+                moved.astype(np.int32), expected, err_msg=f"{name} step {step}"
+            )
+        np.testing.assert_allclose(actual[0], kernel, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(actual[1], bias, rtol=1e-5, atol=1e-6)
+        previous = actual
+    np.testing.assert_allclose(
+        result["kernel_momenta"], kernel_momenta, rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        result["bias_momenta"], bias_momenta, rtol=1e-4, atol=1e-6
+    )
+    if skip_nonfinite:
+        assert skipped == 1 and result["skipped"] == 1
+    # The workers' momenta differ: each follows its own shard.
+    assert not np.allclose(result["kernel_momenta"][0], result["kernel_momenta"][1])
+    if workers % 2 == 0:
+        assert ties > 0, "the even-worker cases should exercise a tie"
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+
+
+def compiled_model(optimizer):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer=optimizer, loss="mse")
+    return model
+
+
+def data_parallel():
+    return keras.distribution.DataParallel(
+        devices=keras.distribution.list_devices("cpu")
+    )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "jax", reason="the refusal of other backends"
+)
+def test_other_backends_are_refused():
+    model = compiled_model(keras_soma.Soma())
+    with pytest.raises(ValueError, match="needs the JAX backend"):
+        keras_soma.distribute.majority_vote(model)
+
+
+@requires_jax
+@pytest.mark.parametrize("optimizer_class", [keras_soma.SM3, keras_soma.GradSign])
+def test_optimizers_without_sign_of_momentum_are_refused(optimizer_class):
+    with data_parallel().scope():
+        model = compiled_model(optimizer_class())
+        with pytest.raises(ValueError, match=optimizer_class.__name__):
+            keras_soma.distribute.majority_vote(model)
+
+
+@requires_jax
+def test_no_data_parallel_distribution_is_refused():
+    model = compiled_model(keras_soma.Soma())
+    with pytest.raises(ValueError, match="DataParallel.*received: distribution=None"):
+        keras_soma.distribute.majority_vote(model)
+    devices = keras.distribution.list_devices("cpu")
+    mesh = keras.distribution.DeviceMesh((1, len(devices)), ["batch", "model"], devices)
+    model_parallel = keras.distribution.ModelParallel(
+        layout_map=keras.distribution.LayoutMap(mesh), batch_dim_name="batch"
+    )
+    with model_parallel.scope():
+        model = compiled_model(keras_soma.Soma())
+        with pytest.raises(ValueError, match="DataParallel.*ModelParallel"):
+            keras_soma.distribute.majority_vote(model)
+
+
+@requires_jax
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=2"),
+        ({"use_ema": True}, "use_ema=True"),
+        ({"clipnorm": 1.0}, "clipnorm=1.0"),
+        ({"lazy_sparse_updates": True}, "lazy_sparse_updates=True"),
+    ],
+)
+def test_unsupported_options_are_refused(arguments, message):
+    with data_parallel().scope():
+        model = compiled_model(keras_soma.Soma(**arguments))
+        with pytest.raises(ValueError, match=message):
+            keras_soma.distribute.majority_vote(model)
+
+
+@requires_jax
+def test_bad_exchange_and_built_optimizer_are_refused():
+    with data_parallel().scope():
+        model = compiled_model(keras_soma.Soma())
+        with pytest.raises(ValueError, match="exchange='float'"):
+            keras_soma.distribute.majority_vote(model, exchange="float")
+        model.optimizer.build(model.trainable_variables)
+        with pytest.raises(ValueError, match="already built"):
+            keras_soma.distribute.majority_vote(model)
+
+
+@requires_jax
+def test_trit_packing_round_trips():
+    import jax.numpy as jnp
+
+    from keras_soma.distribute import pack_trits, unpack_trits
+
+    rng = np.random.default_rng(0)
+    trits = rng.integers(0, 3, size=(3, 40))
+    packed = pack_trits(jnp.asarray(trits))
+    assert packed.dtype == jnp.uint8 and packed.shape == (3, 8)
+    np.testing.assert_array_equal(np.asarray(unpack_trits(packed)), trits)
