@@ -70,9 +70,10 @@ def main(argv=None):
     arguments = parse_arguments(argv)
     if arguments.batch_size % arguments.workers:
         sys.exit("--batch-size must be a multiple of --workers")
-    os.environ["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={arguments.workers}"
-    )
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from vote_traffic import host_device_flags
+
+    os.environ["XLA_FLAGS"] = host_device_flags(arguments.workers)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
 

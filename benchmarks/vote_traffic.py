@@ -53,6 +53,21 @@ COLLECTIVE = re.compile(
 ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 
 
+def host_device_flags(count):
+    """XLA_FLAGS for `count` host (CPU) devices.
+
+    XLA's CPU collectives abort the process when a device's thread is more
+    than 40 s late at a rendezvous, which happens on a loaded machine (the
+    devices are threads sharing its cores); the limits are raised.
+    """
+    return (
+        f"--xla_force_host_platform_device_count={count} "
+        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300 "
+        "--xla_cpu_collective_call_terminate_timeout_seconds=1200 "
+        "--xla_cpu_collective_timeout_seconds=1200"
+    )
+
+
 def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=WORKERS)
@@ -159,7 +174,7 @@ def seconds(value):
 def main(argv=None):
     arguments = parse_arguments(argv)
     workers = arguments.workers
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={workers}"
+    os.environ["XLA_FLAGS"] = host_device_flags(workers)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
 

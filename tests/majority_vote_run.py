@@ -3,9 +3,11 @@ in a process of its own (XLA reads the device count when JAX starts).
 
     python tests/majority_vote_run.py OUTPUT_DIRECTORY CASE [CASE ...]
 
-where each CASE is `WORKERS,EXCHANGE,WEIGHT_DECAY,NAN_STEP` (`none` for no
-weight decay; NAN_STEP `none`, or the step at which the first worker's
-shard holds a NaN, which turns `skip_nonfinite` on), e.g. `4,packed,0.1,none`.
+where each CASE is `WORKERS,EXCHANGE,WEIGHT_DECAY,NAN_STEP[,schedule]`
+(`none` for no weight decay; NAN_STEP `none`, or the step at which the
+first worker's shard holds a NaN, which turns `skip_nonfinite` on;
+`schedule`: the learning rate is `learning_rate(step)` below instead of
+`LEARNING_RATE`), e.g. `4,packed,0.1,none`.
 
 Trains a linear model (`Dense`, mean squared error, whose per-worker
 gradients the test computes in numpy) with `fit` under
@@ -21,7 +23,8 @@ import os
 import sys
 
 os.environ["KERAS_BACKEND"] = "jax"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+# Set by the test (with longer collective timeouts), else 4 host devices.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 GLOBAL_BATCH = 24  # divisible by 2, 3 and 4 workers
@@ -32,15 +35,30 @@ MOMENTUM = 0.5
 
 
 STEPS = 12
+DECAY_RATE = 0.25  # of the InverseTimeDecay schedule of `schedule` cases
+
+
+def learning_rate(step, schedule):
+    """The learning rate of a step (counted from 0), in float32, as Keras's
+    `InverseTimeDecay(LEARNING_RATE, decay_steps=1, decay_rate=DECAY_RATE)`
+    computes it."""
+    import numpy as np
+
+    if not schedule:
+        return np.float32(LEARNING_RATE)
+    return np.float32(LEARNING_RATE) / (
+        np.float32(1.0) + np.float32(DECAY_RATE) * np.float32(step)
+    )
 
 
 def parse_case(case):
-    workers, exchange, weight_decay, nan_step = case.split(",")
+    workers, exchange, weight_decay, nan_step, *options = case.split(",")
     return {
         "workers": int(workers),
         "exchange": exchange,
         "weight_decay": None if weight_decay == "none" else float(weight_decay),
         "nan_step": None if nan_step == "none" else int(nan_step),
+        "schedule": options == ["schedule"],
     }
 
 
@@ -61,7 +79,7 @@ def main(argv=None):
         run_case(os.path.join(argv[0], f"{case}.npz"), **parse_case(case))
 
 
-def run_case(output, workers, exchange, weight_decay, nan_step):
+def run_case(output, workers, exchange, weight_decay, nan_step, schedule):
     import keras
     import numpy as np
 
@@ -79,21 +97,28 @@ def run_case(output, workers, exchange, weight_decay, nan_step):
         def on_train_batch_end(self, batch, logs=None):
             weights_after_step.append([np.asarray(v) for v in self.model.get_weights()])
 
-    with distribution.scope():
+    def make_model():
         keras.utils.set_random_seed(0)
         model = keras.Sequential(
             [keras.Input((FEATURES,)), keras.layers.Dense(OUTPUTS)]
         )
         model.compile(
             optimizer=keras_soma.Soma(
-                learning_rate=LEARNING_RATE,
+                learning_rate=keras.optimizers.schedules.InverseTimeDecay(
+                    LEARNING_RATE, decay_steps=1, decay_rate=DECAY_RATE
+                )
+                if schedule
+                else LEARNING_RATE,
                 momentum=MOMENTUM,
                 weight_decay=weight_decay,
                 skip_nonfinite=skip_nonfinite,
             ),
             loss="mse",
         )
-        keras_soma.distribute.majority_vote(model, exchange=exchange)
+        return keras_soma.distribute.majority_vote(model, exchange=exchange)
+
+    with distribution.scope():
+        model = make_model()
         initial = [np.asarray(v) for v in model.get_weights()]
         history = model.fit(
             inputs,
@@ -104,7 +129,18 @@ def run_case(output, workers, exchange, weight_decay, nan_step):
             verbose=0,
             callbacks=[RecordWeights()],
         )
+        # A checkpoint: the same model made again (majority_vote before
+        # the optimizer is built) loads every worker's momentum.
+        checkpoint = os.path.splitext(output)[0] + ".keras"
+        model.save(checkpoint)
+        restored = make_model()
+        restored.optimizer.build(restored.trainable_variables)
+        restored.load_weights(checkpoint)
     optimizer = model.optimizer
+    restored_momenta = [
+        keras.ops.convert_to_numpy(restored.optimizer.get_slots(v)["momentum"])
+        for v in restored.trainable_variables
+    ]
     momenta = [
         keras.ops.convert_to_numpy(optimizer.get_slots(v)["momentum"])
         for v in model.trainable_variables
@@ -123,6 +159,11 @@ def run_case(output, workers, exchange, weight_decay, nan_step):
         biases=np.stack([w[1] for w in weights_after_step]),
         kernel_momenta=momenta[0],
         bias_momenta=momenta[1],
+        restored_kernel_momenta=restored_momenta[0],
+        restored_bias_momenta=restored_momenta[1],
+        restored_iterations=int(
+            keras.ops.convert_to_numpy(restored.optimizer.iterations)
+        ),
         iterations=int(keras.ops.convert_to_numpy(optimizer.iterations)),
         skipped=int(keras.ops.convert_to_numpy(optimizer.skipped_steps))
         if skip_nonfinite

@@ -6,7 +6,9 @@
   (`_reference.majority_vote_soma_step`, with the per-worker gradients of
   the mean squared error written out by hand) and asserts that every
   step's majority is the same integer and that the weights and every
-  worker's momentum agree to float rounding.
+  worker's momentum agree to float rounding; with weight decay, a
+  learning-rate schedule and `skip_nonfinite` (a NaN on one worker skips
+  the step everywhere); a saved model loads every worker's momentum.
 * Bad input: an optimizer without a sign of momentum, no DataParallel
   distribution, options the vote does not support, another backend.
 """
@@ -28,7 +30,9 @@ from keras_soma._reference import apply_weight_decay, majority_vote_soma_step
 TESTS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
 REPOSITORY = os.path.dirname(TESTS_DIRECTORY)
 sys.path.insert(0, TESTS_DIRECTORY)
+sys.path.insert(0, os.path.join(REPOSITORY, "benchmarks"))
 import majority_vote_run as run  # noqa: E402
+from vote_traffic import host_device_flags  # noqa: E402
 
 # WORKERS,EXCHANGE,WEIGHT_DECAY,NAN_STEP (see majority_vote_run.py); 2 and
 # 4 workers can tie, 3 cannot; step 5 holds a NaN on the first worker.
@@ -40,6 +44,7 @@ CASES = [
     "3,int8,none,none",
     "4,int8,none,none",
     "4,packed,0.1,5",
+    "3,packed,0.1,none,schedule",
 ]
 RUN_TIMEOUT_SECONDS = 540
 
@@ -54,7 +59,7 @@ def vote_runs(tmp_path_factory):
         **os.environ,
         "PYTHONPATH": REPOSITORY,
         "KERAS_BACKEND": "jax",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": host_device_flags(4),
     }
     completed = subprocess.run(
         [sys.executable, os.path.join(TESTS_DIRECTORY, "majority_vote_run.py")]
@@ -93,6 +98,7 @@ def test_majority_vote_equals_numpy_workers(vote_runs, case):
     arguments = run.parse_case(case)
     workers, weight_decay = arguments["workers"], arguments["weight_decay"]
     skip_nonfinite = arguments["nan_step"] is not None
+    schedule = arguments["schedule"]
     result = np.load(os.path.join(vote_runs, f"{case}.npz"))
     assert result["iterations"] == run.STEPS
     # Every device holds its own worker's momenta only.
@@ -112,8 +118,9 @@ def test_majority_vote_equals_numpy_workers(vote_runs, case):
             np.isfinite(kernel_gradients).all() and np.isfinite(bias_gradients).all()
         )
         skipped += int(not finite)
+        rate = run.learning_rate(step, schedule)
         hyper = {
-            "learning_rate": run.LEARNING_RATE,
+            "learning_rate": rate,
             "weight_decay": weight_decay,
             "momentum": run.MOMENTUM,
             "skip_nonfinite": skip_nonfinite,
@@ -130,11 +137,11 @@ def test_majority_vote_equals_numpy_workers(vote_runs, case):
         ):
             ties += int(np.sum(tally == 0))
             # The move the distributed run made, as an integer majority.
-            decayed = apply_weight_decay(before, run.LEARNING_RATE, weight_decay)
-            moved = np.rint((decayed - after) / np.float32(run.LEARNING_RATE))
+            decayed = apply_weight_decay(before, rate, weight_decay)
+            moved = np.rint((decayed - after) / rate)
             expected = np.sign(tally) if finite or not skip_nonfinite else 0 * tally
             if not finite and skip_nonfinite:
-                moved = np.rint((before - after) / np.float32(run.LEARNING_RATE))
+                moved = np.rint((before - after) / rate)
             np.testing.assert_array_equal(
                 moved.astype(np.int32), expected, err_msg=f"{name} step {step}"
             )
@@ -147,6 +154,10 @@ def test_majority_vote_equals_numpy_workers(vote_runs, case):
     np.testing.assert_allclose(
         result["bias_momenta"], bias_momenta, rtol=1e-4, atol=1e-6
     )
+    # Saved and loaded exactly (a .keras file, through `load_weights`).
+    for name in ("kernel_momenta", "bias_momenta"):
+        np.testing.assert_array_equal(result[f"restored_{name}"], result[name])
+    assert result["restored_iterations"] == run.STEPS
     if skip_nonfinite:
         assert skipped == 1 and result["skipped"] == 1
     # The workers' momenta differ: each follows its own shard.
