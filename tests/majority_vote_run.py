@@ -79,7 +79,11 @@ def main(argv=None):
         run_case(os.path.join(argv[0], f"{case}.npz"), **parse_case(case))
 
 
-def run_case(output, workers, exchange, weight_decay, nan_step, schedule):
+def run_case(output, workers, exchange, weight_decay, nan_step, schedule, process=None):
+    """Trains one case and writes OUTPUT. With `process=(index, count)`
+    (a multi-process run, after `keras.distribution.initialize`), this
+    process feeds its part of every global batch, the model is not saved,
+    and the momenta are gathered from every process."""
     import keras
     import numpy as np
 
@@ -89,8 +93,23 @@ def run_case(output, workers, exchange, weight_decay, nan_step, schedule):
     if nan_step is not None:
         inputs[nan_step * GLOBAL_BATCH, 0] = np.nan
     skip_nonfinite = nan_step is not None
+    fed_inputs, fed_targets, batch_size = inputs, targets, GLOBAL_BATCH
+    if process is not None:
+        # Keras makes each global batch of the processes' batches, in
+        # process order.
+        index, count = process
+        batch_size = GLOBAL_BATCH // count
+
+        def part(values):
+            values = values.reshape(STEPS, count, batch_size, -1)[:, index]
+            return values.reshape(STEPS * batch_size, -1)
+
+        fed_inputs, fed_targets = part(inputs), part(targets)
     devices = keras.distribution.list_devices("cpu")[:workers]
-    distribution = keras.distribution.DataParallel(devices=devices)
+    # Each process feeds its own part (below), already sharded.
+    distribution = keras.distribution.DataParallel(
+        devices=devices, auto_shard_dataset=process is None
+    )
     weights_after_step = []
 
     class RecordWeights(keras.callbacks.Callback):
@@ -121,29 +140,38 @@ def run_case(output, workers, exchange, weight_decay, nan_step, schedule):
         model = make_model()
         initial = [np.asarray(v) for v in model.get_weights()]
         history = model.fit(
-            inputs,
-            targets,
-            batch_size=GLOBAL_BATCH,
+            fed_inputs,
+            fed_targets,
+            batch_size=batch_size,
             epochs=1,
             shuffle=False,
             verbose=0,
             callbacks=[RecordWeights()],
         )
-        # A checkpoint: the same model made again (majority_vote before
-        # the optimizer is built) loads every worker's momentum.
-        checkpoint = os.path.splitext(output)[0] + ".keras"
-        model.save(checkpoint)
-        restored = make_model()
-        restored.optimizer.build(restored.trainable_variables)
-        restored.load_weights(checkpoint)
+        restored = model
+        if process is None:
+            # A checkpoint: the same model made again (majority_vote before
+            # the optimizer is built) loads every worker's momentum.
+            checkpoint = os.path.splitext(output)[0] + ".keras"
+            model.save(checkpoint)
+            restored = make_model()
+            restored.optimizer.build(restored.trainable_variables)
+            restored.load_weights(checkpoint)
     optimizer = model.optimizer
+
+    def gathered(variable):
+        if process is None:
+            return keras.ops.convert_to_numpy(variable)
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(variable.value, tiled=True))
+
     restored_momenta = [
-        keras.ops.convert_to_numpy(restored.optimizer.get_slots(v)["momentum"])
+        gathered(restored.optimizer.get_slots(v)["momentum"])
         for v in restored.trainable_variables
     ]
     momenta = [
-        keras.ops.convert_to_numpy(optimizer.get_slots(v)["momentum"])
-        for v in model.trainable_variables
+        gathered(optimizer.get_slots(v)["momentum"]) for v in model.trainable_variables
     ]
     shardings = [
         str(optimizer.get_slots(v)["momentum"].value.sharding.spec)

@@ -16,8 +16,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -92,14 +94,20 @@ def worker_gradients(kernel, bias, inputs, targets, workers):
     )
 
 
+@pytest.mark.slow
 @requires_jax
 @pytest.mark.parametrize("case", CASES)
 def test_majority_vote_equals_numpy_workers(vote_runs, case):
+    assert_matches_reference(np.load(os.path.join(vote_runs, f"{case}.npz")), case)
+
+
+def assert_matches_reference(result, case):
+    """`result` (a majority_vote_run.py output) is what the numpy workers
+    of `case` do, step by step."""
     arguments = run.parse_case(case)
     workers, weight_decay = arguments["workers"], arguments["weight_decay"]
     skip_nonfinite = arguments["nan_step"] is not None
     schedule = arguments["schedule"]
-    result = np.load(os.path.join(vote_runs, f"{case}.npz"))
     assert result["iterations"] == run.STEPS
     # Every device holds its own worker's momenta only.
     assert all("batch" in spec for spec in result["shardings"]), result["shardings"]
@@ -154,7 +162,8 @@ def test_majority_vote_equals_numpy_workers(vote_runs, case):
     np.testing.assert_allclose(
         result["bias_momenta"], bias_momenta, rtol=1e-4, atol=1e-6
     )
-    # Saved and loaded exactly (a .keras file, through `load_weights`).
+    # Saved and loaded exactly (a .keras file, through `load_weights`; the
+    # multi-process run does not save).
     for name in ("kernel_momenta", "bias_momenta"):
         np.testing.assert_array_equal(result[f"restored_{name}"], result[name])
     assert result["restored_iterations"] == run.STEPS
@@ -164,6 +173,72 @@ def test_majority_vote_equals_numpy_workers(vote_runs, case):
     assert not np.allclose(result["kernel_momenta"][0], result["kernel_momenta"][1])
     if workers % 2 == 0:
         assert ties > 0, "the even-worker cases should exercise a tie"
+
+
+MULTI_PROCESS_CASE = "4,packed,none,none"
+MULTI_PROCESS_TIMEOUT_SECONDS = 300
+
+
+def free_local_port():
+    """A port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as bound:
+        bound.bind(("127.0.0.1", 0))
+        return bound.getsockname()[1]
+
+
+@pytest.mark.slow
+@requires_jax
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="gloo CPU collectives (Linux)"
+)
+def test_two_processes_equal_one_process(vote_runs, tmp_path):
+    """2 processes x 2 host devices on localhost (keras.distribution
+    .initialize, gloo) train as one process over 4 devices does."""
+    port = free_local_port()
+    output = str(tmp_path / "processes.npz")
+    environment = {**os.environ, "PYTHONPATH": REPOSITORY}
+    environment.pop("XLA_FLAGS", None)
+    logs = [tmp_path / f"process_{index}.log" for index in range(2)]
+    processes = []
+    try:
+        for index in range(2):
+            with open(logs[index], "w") as log:
+                processes.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            os.path.join(TESTS_DIRECTORY, "majority_vote_processes.py"),
+                            str(index),
+                            str(port),
+                            output,
+                            MULTI_PROCESS_CASE,
+                        ],
+                        env=environment,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        deadline = time.monotonic() + MULTI_PROCESS_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            codes = [process.poll() for process in processes]
+            if all(code == 0 for code in codes) or any(code for code in codes):
+                break
+            time.sleep(0.5)
+    finally:
+        # Ends both as soon as one fails or the time is up.
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    for index, process in enumerate(processes):
+        assert process.returncode == 0, (index, logs[index].read_text()[-4000:])
+    result = np.load(output)
+    other = np.load(output + ".process1.npz")
+    assert_matches_reference(result, MULTI_PROCESS_CASE)
+    single = np.load(os.path.join(vote_runs, f"{MULTI_PROCESS_CASE}.npz"))
+    for name in ("kernels", "biases", "kernel_momenta", "bias_momenta"):
+        np.testing.assert_allclose(result[name], single[name], rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(other[name], result[name])
 
 
 # ---------------------------------------------------------------------------
@@ -258,6 +333,7 @@ def test_trit_packing_round_trips():
     np.testing.assert_array_equal(np.asarray(unpack_trits(packed)), trits)
 
 
+@pytest.mark.slow
 @requires_jax
 def test_vote_traffic_from_the_compiled_step_is_a_sixteenth_of_float32():
     """benchmarks/vote_traffic.py reads the collectives out of the compiled
