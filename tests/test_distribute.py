@@ -9,6 +9,10 @@
   worker's momentum agree to float rounding; with weight decay, a
   learning-rate schedule and `skip_nonfinite` (a NaN on one worker skips
   the step everywhere); a saved model loads every worker's momentum.
+* Two processes x two host devices (`majority_vote_processes.py`,
+  `keras.distribution.initialize` over loopback, gloo) train exactly as
+  one process over four devices.
+* Traffic: the compiled step's collectives (benchmarks/vote_traffic.py).
 * Bad input: an optimizer without a sign of momentum, no DataParallel
   distribution, options the vote does not support, another backend.
 """
