@@ -153,6 +153,13 @@ def majority_vote(model, exchange: str = "packed"):
             "(before training): it creates one momentum per worker; "
             f"received: an optimizer {optimizer.name!r} already built"
         )
+    if not hasattr(model, "_update_metrics_variables"):
+        # The JAX trainer's metric update, which the vote's step reuses.
+        raise ValueError(
+            "majority_vote needs a Keras whose JAX trainer has "
+            "`_update_metrics_variables` (Keras 3.15 has it); received: "
+            f"keras {keras.__version__}"
+        )
     mesh = distribution.device_mesh
     axis = distribution.batch_dim_name
     workers = mesh.shape[list(mesh.axis_names).index(axis)]
