@@ -198,6 +198,41 @@ def soma_step(
     return (variable - step).astype(dtype), new_state
 
 
+def majority_vote_soma_step(
+    variable: np.ndarray,
+    worker_gradients: np.ndarray,
+    worker_momenta: np.ndarray,
+    learning_rate: float,
+    weight_decay: float | None = None,
+    momentum: float = 0.95,
+    skip_nonfinite: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One step of majority-vote Soma over N workers (`keras_soma.distribute`).
+
+    `worker_gradients` and `worker_momenta` are `[N, *variable.shape]`:
+    worker k's gradient of its own shard of the batch and its momentum.
+
+    m_k   <- momentum * m_k + (1 - momentum) * g_k       (each worker)
+    tally  = sum_k sign(m_k)          (int; sign(0) = sign(NaN) = 0: abstain)
+    theta <- theta - theta * wd * lr - lr * sign(tally)  (ties: no move)
+
+    With `skip_nonfinite`, a non-finite gradient on any worker leaves the
+    variable and every momentum as they were (the tally is still returned).
+    Returns `(new_variable, new_momenta, tally)`.
+    """
+    dtype = variable.dtype
+    momenta = worker_momenta.astype(np.float32) * np.float32(
+        momentum
+    ) + _saturating_astype(worker_gradients, np.float32) * np.float32(1.0 - momentum)
+    momenta = _saturating_astype(momenta, worker_momenta.dtype)
+    tally = sign_with_zero(momenta).sum(axis=0)
+    if skip_nonfinite and not np.all(np.isfinite(worker_gradients)):
+        return variable, worker_momenta, tally
+    decayed = apply_weight_decay(variable, learning_rate, weight_decay)
+    step = _cast_learning_rate(learning_rate, dtype) * np.sign(tally).astype(dtype)
+    return (decayed - step).astype(dtype), momenta, tally
+
+
 def clip_gradients(
     gradients: list,
     clipnorm: float | None = None,

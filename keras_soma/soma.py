@@ -18,13 +18,20 @@ def soma_update(value, gradient, momentum_value, learning_rate, momentum):
     moves by exactly `learning_rate` times the sign of the stored average,
     in the variable's dtype.
     """
+    average = soma_average(gradient, momentum_value, momentum)
+    step = ops.multiply(learning_rate, _common.sign(ops.cast(average, value.dtype)))
+    return ops.subtract(value, step), average
+
+
+def soma_average(gradient, momentum_value, momentum):
+    """Soma's moving average `momentum * m + (1 - momentum) * g`, computed
+    in float32 and stored (saturating) in the momentum's dtype; shared with
+    the per-worker momenta of `keras_soma.distribute`."""
     average = ops.add(
         ops.multiply(ops.cast(momentum_value, "float32"), momentum),
         ops.multiply(_common.saturating_cast(gradient, "float32"), 1.0 - momentum),
     )
-    average = _common.saturating_cast(average, momentum_value.dtype)
-    step = ops.multiply(learning_rate, _common.sign(ops.cast(average, value.dtype)))
-    return ops.subtract(value, step), average
+    return _common.saturating_cast(average, momentum_value.dtype)
 
 
 def soma_micro_step(
@@ -246,6 +253,10 @@ class Soma(KerasSomaOptimizer):
         # Scalar bools, set while a folded micro-step is applied.
         self._window_starts = None
         self._window_ends = None
+        # `(workers, layout_of)` when `keras_soma.distribute.majority_vote`
+        # keeps one momentum per data-parallel worker: each momentum is then
+        # `[workers, *variable.shape]`, laid out by `layout_of(variable)`.
+        self._per_worker_momenta = None
 
     @property
     def iterations(self):
@@ -279,8 +290,21 @@ class Soma(KerasSomaOptimizer):
             ]
         else:
             super().build(var_list)
+        if self._per_worker_momenta is None:
+            self._momentums = [
+                self.add_slot(variable, "momentum", dtype=self.momentum_dtype)
+                for variable in var_list
+            ]
+            return
+        workers, layout_of = self._per_worker_momenta
         self._momentums = [
-            self.add_slot(variable, "momentum", dtype=self.momentum_dtype)
+            self.add_slot(
+                variable,
+                "momentum",
+                dtype=self.momentum_dtype,
+                shape=(workers, *variable.shape),
+                layout=layout_of(variable),
+            )
             for variable in var_list
         ]
         if self.momentum_dtype == "int8":
