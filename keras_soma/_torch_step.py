@@ -71,30 +71,48 @@ def soma(
     starts: bool = True,
     ends: bool = True,
     steps: int = 1,
+    average_bound: float | None = None,
 ) -> None:
-    """Soma's step (`soma.soma_update`) for float32 variables, gradients and
-    averages; with gradient accumulation folded into the average,
-    `soma.soma_micro_step` (`starts`, `ends`: the micro-step's place in its
-    window of `steps`).
+    """Soma's step (`soma.soma_update`) for float32 variables and
+    gradients, with float32 averages, or bfloat16 ones (`average_bound`:
+    bfloat16's largest finite value); with gradient accumulation folded
+    into the average, `soma.soma_micro_step` (`starts`, `ends`: the
+    micro-step's place in its window of `steps`).
 
     Passes per variable: the average is scaled and the gradient added in
     place (two), the sign is taken (one, into a temporary) and the
-    variable moved by `learning_rate` times it (one).
+    variable moved by `learning_rate` times it (one). A bfloat16 average
+    is updated in a float32 temporary and stored once, saturating, as the
+    reference rounds it.
     """
-    if starts:
-        torch._foreach_mul_(averages, momentum)
-    torch._foreach_add_(averages, gradients, alpha=(1.0 - momentum) / steps)
+    scratch = Scratch()
+    if average_bound is None:
+        if starts:
+            torch._foreach_mul_(averages, momentum)
+        torch._foreach_add_(averages, gradients, alpha=(1.0 - momentum) / steps)
+    else:
+        for average, gradient in zip(averages, gradients):
+            wide = scratch.like(average, torch.float32)
+            wide.copy_(average)
+            if starts:
+                wide.mul_(momentum)
+            wide.add_(gradient, alpha=(1.0 - momentum) / steps)
+            wide.clamp_(-average_bound, average_bound)
+            average.copy_(wide)
     if not ends:
         return
-    scratch = Scratch()
     for value, average, rate in zip(values, averages, decay_rates):
         decay(value, rate)
-        sign = torch.sign(average, out=scratch.like(average))
+        if average.dtype == value.dtype:
+            sign = torch.sign(average, out=scratch.like(average))
+        else:
+            # bfloat16 to float32 is exact; the sign is the stored one's.
+            sign = scratch.like(value).copy_(average).sign_()
         value.addcmul_(sign, learning_rate, value=-1)
     # torch's sign is 0 for NaN, where the reference's is NaN (a NaN
     # average makes its parameter NaN): a NaN average is rare, and found by
     # one max per average (a max is NaN where an element is), in one sync.
-    peaks = torch.stack([torch.amax(average) for average in averages])
+    peaks = torch.stack([torch.amax(average).float() for average in averages])
     if bool(torch.isnan(peaks).any()):
         for value, average in zip(values, averages):
             value.masked_fill_(torch.isnan(average), float("nan"))

@@ -387,7 +387,7 @@ class Soma(KerasSomaOptimizer):
         )
 
     def _torch_update(self, grads, trainable_variables, learning_rate):
-        if self.momentum_dtype != "float32":
+        if self.momentum_dtype not in ("float32", "bfloat16"):
             return super()._torch_update(grads, trainable_variables, learning_rate)
         from keras_soma import _torch_step
 
@@ -415,6 +415,11 @@ class Soma(KerasSomaOptimizer):
             learning_rate,
             self.momentum,
             rates,
+            average_bound=(
+                None
+                if self.momentum_dtype == "float32"
+                else _common.finite_max(self.momentum_dtype)
+            ),
             **window,
         )
         return rest
