@@ -27,6 +27,9 @@ TRAIN_EXAMPLES = 60_000
 # Each optimizer "at its defaults": the library's own default arguments.
 OPTIMIZERS = {
     "soma": keras_soma.Soma,
+    # Soma with its moving average stored as blockwise int8 (one byte per
+    # parameter plus a float32 scale per block), else at its defaults.
+    "soma-int8": functools.partial(keras_soma.Soma, momentum_dtype="int8"),
     "gradsign": keras_soma.GradSign,
     "adam": keras.optimizers.Adam,
     "adagrad": keras.optimizers.Adagrad,
@@ -38,6 +41,7 @@ OPTIMIZERS = {
 
 DISPLAY_NAMES = {
     "soma": "Soma",
+    "soma-int8": "Soma int8",
     "gradsign": "GradSign",
     "sm3": "SM3",
     "adam": "Adam",

@@ -23,7 +23,7 @@ import sys
 
 import keras
 import pytest
-from registry import REGISTRY
+from registry import REGISTRY, STATE_FORMATS
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPOSITORY, "examples")
@@ -116,6 +116,14 @@ def optimizer_key(common, optimizer_class) -> str:
     raise AssertionError(f"{optimizer_class.__name__} missing from OPTIMIZERS")
 
 
+def state_format_key(common, spec) -> str:
+    """The examples' `--optimizer` name of a `STATE_FORMATS` row: its
+    class's name plus the row's suffix, e.g. `soma-int8`."""
+    key = optimizer_key(common, spec.cls) + spec.suffix.lower()
+    assert key in common.OPTIMIZERS, f"{spec.name} missing from OPTIMIZERS as {key}"
+    return key
+
+
 def mlp_state_bytes(common):
     """Expected state bytes per parameter on the MLP, by `--optimizer`
     name: the registry's figure for every keras_soma optimizer at its
@@ -127,7 +135,25 @@ def mlp_state_bytes(common):
         ]
         assert defaults, f"registry row of {spec.name} lacks the default state bytes"
         expected[optimizer_key(common, spec.cls)] = defaults[0]
+    for spec in STATE_FORMATS.values():
+        own = [
+            value
+            for arguments, value in spec.bytes_per_parameter
+            if arguments == spec.arguments
+        ]
+        assert own, f"registry row of {spec.name} lacks its own state bytes"
+        expected[state_format_key(common, spec)] = own[0]
     return expected
+
+
+def test_state_format_names_make_the_rows_optimizer(common):
+    # `--optimizer soma-int8` is the registry's Soma-int8 row: the same
+    # constructor arguments, everything else at the defaults.
+    for spec in STATE_FORMATS.values():
+        made = common.make_optimizer(state_format_key(common, spec))
+        assert type(made) is spec.cls
+        assert made.get_config() == spec.make().get_config(), spec.name
+        assert state_format_key(common, spec) in common.DISPLAY_NAMES
 
 
 def read_outputs(output_dir, stem, script):
@@ -178,9 +204,14 @@ def check_outputs(output_dir, stem, script, expected_state_bytes):
 
 
 def test_fashion_mnist_mlp_short(common, data_dir, tmp_path):
-    # Every keras_soma optimizer in the registry, plus SGD (no state).
+    # Every keras_soma optimizer in the registry and every state format
+    # (Soma int8), plus SGD (no state).
     expected = mlp_state_bytes(common)
-    names = [optimizer_key(common, spec.cls) for spec in REGISTRY.values()] + ["sgd"]
+    names = (
+        [optimizer_key(common, spec.cls) for spec in REGISTRY.values()]
+        + [state_format_key(common, spec) for spec in STATE_FORMATS.values()]
+        + ["sgd"]
+    )
     example = load_example("fashion_mnist_mlp")
     example.main(
         [
