@@ -106,7 +106,7 @@ def majority_vote(model, exchange: str = "packed"):
             distribution, for an optimizer other than Soma (SM3 and
             GradSign have no momentum whose sign could be voted on), for
             an optimizer already built, or for an option the vote does not
-            support (gradient accumulation, EMA, clipping).
+            support (gradient accumulation, EMA, clipping, int8 momentum).
     """
     if exchange not in EXCHANGES:
         raise ValueError(
@@ -142,6 +142,12 @@ def majority_vote(model, exchange: str = "packed"):
                 f"majority_vote does not support {what}: make the Soma "
                 f"without `{option}`; received: {option}={value!r}"
             )
+    if optimizer.momentum_dtype == "int8":
+        raise ValueError(
+            "majority_vote keeps each worker's momentum as a float: make the "
+            'Soma with momentum_dtype "float32" or "bfloat16"; received: '
+            "momentum_dtype='int8'"
+        )
     if optimizer.lazy_sparse_updates:
         raise ValueError(
             "majority_vote applies dense votes: make the Soma without "

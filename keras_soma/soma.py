@@ -295,18 +295,18 @@ class Soma(KerasSomaOptimizer):
                 self.add_slot(variable, "momentum", dtype=self.momentum_dtype)
                 for variable in var_list
             ]
-            return
-        workers, layout_of = self._per_worker_momenta
-        self._momentums = [
-            self.add_slot(
-                variable,
-                "momentum",
-                dtype=self.momentum_dtype,
-                shape=(workers, *variable.shape),
-                layout=layout_of(variable),
-            )
-            for variable in var_list
-        ]
+        else:
+            workers, layout_of = self._per_worker_momenta
+            self._momentums = [
+                self.add_slot(
+                    variable,
+                    "momentum",
+                    dtype=self.momentum_dtype,
+                    shape=(workers, *variable.shape),
+                    layout=layout_of(variable),
+                )
+                for variable in var_list
+            ]
         if self.momentum_dtype == "int8":
             # One float32 per block, replicated (a few bytes per block);
             # 1 rather than 0 so that a scale is never 0.

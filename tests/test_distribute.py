@@ -304,6 +304,7 @@ def test_no_data_parallel_distribution_is_refused():
         ({"use_ema": True}, "use_ema=True"),
         ({"clipnorm": 1.0}, "clipnorm=1.0"),
         ({"lazy_sparse_updates": True}, "lazy_sparse_updates=True"),
+        ({"momentum_dtype": "int8"}, "momentum_dtype='int8'"),
     ],
 )
 def test_unsupported_options_are_refused(arguments, message):
