@@ -25,6 +25,19 @@ if keras.backend.backend() == "tensorflow":
     )
 
 
+def pytest_collection_finish(session):
+    """Refuses a run in which importing a test module switched this
+    process's `KERAS_BACKEND`: the subprocesses the tests start inherit the
+    environment and would train on another backend than the suite."""
+    chosen = os.environ.get("KERAS_BACKEND")
+    if chosen is not None and chosen != keras.backend.backend():
+        raise pytest.UsageError(
+            f"KERAS_BACKEND was set to {chosen!r} while the tests were "
+            f"collected, but they run on {keras.backend.backend()!r}: a test "
+            "module (or a module it imports) sets the variable at import time"
+        )
+
+
 def pytest_report_header(config):
     return f"keras {keras.__version__}, backend: {keras.backend.backend()}"
 

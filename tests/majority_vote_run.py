@@ -22,10 +22,14 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ["KERAS_BACKEND"] = "jax"
-# Set by the test (with longer collective timeouts), else 4 host devices.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if __name__ == "__main__":
+    # Only as a script: test_distribute.py imports this module for its
+    # constants, and its process (and every subprocess it starts, which
+    # inherit its environment) keeps the backend the suite runs on.
+    os.environ["KERAS_BACKEND"] = "jax"
+    # Set by the test (with longer collective timeouts), else 4 host devices.
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 GLOBAL_BATCH = 24  # divisible by 2, 3 and 4 workers
 FEATURES = 6
