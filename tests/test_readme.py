@@ -33,8 +33,15 @@ def test_readme_test_command_is_what_ci_runs():
     pytest_part = commands[0].split('pip install ".[test]" && ', 1)[1]
     for backend in ("tensorflow", "jax", "torch"):
         assert f"KERAS_BACKEND={backend} python -m pytest" in pytest_part, backend
+    # CI runs the same command backend by backend (a line each, so that a
+    # failure stops the script): the same backends, in the same order.
+    readme_backends = re.findall(r"KERAS_BACKEND=(\w+) python -m pytest", pytest_part)
+    assert pytest_part == " && ".join(
+        f"KERAS_BACKEND={backend} python -m pytest" for backend in readme_backends
+    )
     ci_lines = [line.strip() for line in read(".ci/run").splitlines()]
-    assert pytest_part in ci_lines
+    assert f"for backend in {' '.join(readme_backends)}; do" in ci_lines
+    assert "KERAS_BACKEND=$backend python -m pytest" in ci_lines
 
 
 def test_readme_example_command_names_an_existing_script():
