@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 from keras import ops
@@ -410,16 +410,19 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         variable)` pairs left to `update_step`. The base class takes none."""
         return list(zip(grads, trainable_variables))
 
-    def _torch_dense_pairs(self, grads, trainable_variables, rows_apart: bool):
+    def _torch_split(self, grads, trainable_variables, learning_rate, rows_apart):
         """Splits a step's `(gradient, variable)` pairs into those the
-        multi-tensor torch update takes, as `(index, dense gradient,
-        variable)`, and the rest (for `update_step`).
+        multi-tensor torch update takes and the rest (for `update_step`).
 
         Taken: non-empty float32 variables with float32 gradients, dense or
         sparse ones made dense; row-sliced ones are left to the row path
         where `rows_apart` is True.
+
+        Returns:
+            `(taken, rest)`: `taken` is None where nothing is taken, else a
+            `_TorchStep` with what `_torch_step`'s functions take.
         """
-        taken, rest = [], []
+        pairs, rest = [], []
         for gradient, variable in zip(grads, trainable_variables):
             row_path = rows_apart and _sparse.is_row_sliced(gradient)
             dense = (
@@ -431,23 +434,25 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
                 and keras.backend.standardize_dtype(dense.dtype) == "float32"
                 and int(dense.numel()) > 0
             ):
-                taken.append((self._get_variable_index(variable), dense, variable))
+                pairs.append((dense, variable))
             else:
                 rest.append((gradient, variable))
-        return taken, rest
-
-    def _torch_step_arguments(self, taken, learning_rate):
-        """For `_torch_step`: the variables' torch tensors, the gradients,
-        the learning rate as a float32 scalar tensor and each variable's
-        decay rate (`weight_decay * learning_rate`, or None)."""
+        if not pairs:
+            return None, rest
         learning_rate = ops.cast(learning_rate, "float32")
         rates = []
-        for _, _, variable in taken:
+        for _, variable in pairs:
             weight_decay = self._weight_decay_for(variable)
             rates.append(None if weight_decay is None else weight_decay * learning_rate)
-        values = [variable.value for _, _, variable in taken]
-        gradients = [gradient for _, gradient, _ in taken]
-        return values, gradients, learning_rate, rates
+        taken = _TorchStep(
+            indices=[self._get_variable_index(variable) for _, variable in pairs],
+            values=[variable.value for _, variable in pairs],
+            gradients=[dense for dense, _ in pairs],
+            variables=[variable for _, variable in pairs],
+            learning_rate=learning_rate,
+            rates=rates,
+        )
+        return taken, rest
 
     def _fused_path(self) -> str | None:
         """ "xla", "torch" or None (op by op); see `_fused`."""
@@ -542,6 +547,18 @@ def _check_accumulation(steps, lazy_sparse_updates) -> None:
             f"touched); received: lazy_sparse_updates={lazy_sparse_updates!r}, "
             f"gradient_accumulation_steps={steps!r}"
         )
+
+
+class _TorchStep(NamedTuple):
+    """The variables one multi-tensor torch step takes (`_torch_split`),
+    with the arguments `keras_soma._torch_step`'s functions take."""
+
+    indices: list  # each variable's index in the optimizer
+    values: list  # the variables' torch tensors
+    gradients: list  # dense float32 gradients
+    variables: list  # the Keras variables
+    learning_rate: Any  # a float32 scalar tensor
+    rates: list  # weight_decay * learning_rate per variable, or None
 
 
 class _KernelBatch:

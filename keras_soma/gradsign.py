@@ -148,19 +148,19 @@ class GradSign(KerasSomaOptimizer):
     def _torch_update(self, grads, trainable_variables, learning_rate):
         from keras_soma import _torch_step
 
-        taken, rest = self._torch_dense_pairs(
-            grads, trainable_variables, rows_apart=self.lazy_sparse_updates
-        )
-        if not taken:
-            return rest
-        values, gradients, learning_rate, rates = self._torch_step_arguments(
-            taken, learning_rate
-        )
-        _torch_step.gradsign(
-            values,
-            gradients,
-            [self._sign_counters[index].value for index, _, _ in taken],
+        taken, rest = self._torch_split(
+            grads,
+            trainable_variables,
             learning_rate,
-            rates,
+            rows_apart=self.lazy_sparse_updates,
+        )
+        if taken is None:
+            return rest
+        _torch_step.gradsign(
+            taken.values,
+            taken.gradients,
+            [self._sign_counters[index].value for index in taken.indices],
+            taken.learning_rate,
+            taken.rates,
         )
         return rest

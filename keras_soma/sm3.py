@@ -270,35 +270,32 @@ class SM3(KerasSomaOptimizer):
             return super()._torch_update(grads, trainable_variables, learning_rate)
         from keras_soma import _torch_step
 
-        taken, rest = self._torch_dense_pairs(
-            grads, trainable_variables, rows_apart=True
+        taken, rest = self._torch_split(
+            grads, trainable_variables, learning_rate, rows_apart=True
         )
-        if not taken:
+        if taken is None:
             return rest
-        values, gradients, learning_rate, rates = self._torch_step_arguments(
-            taken, learning_rate
-        )
         accumulators = []
-        for index, _, _ in taken:
+        for index in taken.indices:
             slots = self._accumulators[index]
             slots = slots if isinstance(slots, list) else [slots]
             accumulators.append([slot.value for slot in slots])
         momenta = [
             None if self._momentums[index] is None else self._momentums[index].value
-            for index, _, _ in taken
+            for index in taken.indices
         ]
         left = _torch_step.sm3(
-            values,
-            gradients,
+            taken.values,
+            taken.gradients,
             accumulators,
             momenta,
-            learning_rate,
+            taken.learning_rate,
             self.momentum,
             self.beta_2,
             self.epsilon,
-            rates,
+            taken.rates,
         )
-        return rest + [(taken[i][1], taken[i][2]) for i in left]
+        return rest + [(taken.gradients[i], taken.variables[i]) for i in left]
 
     def _rows_per_block(self, variable) -> int | None:
         """Rows per block where the dense update of `variable` runs block

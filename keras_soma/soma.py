@@ -391,14 +391,14 @@ class Soma(KerasSomaOptimizer):
             return super()._torch_update(grads, trainable_variables, learning_rate)
         from keras_soma import _torch_step
 
-        taken, rest = self._torch_dense_pairs(
-            grads, trainable_variables, rows_apart=self.lazy_sparse_updates
+        taken, rest = self._torch_split(
+            grads,
+            trainable_variables,
+            learning_rate,
+            rows_apart=self.lazy_sparse_updates,
         )
-        if not taken:
+        if taken is None:
             return rest
-        values, gradients, learning_rate, rates = self._torch_step_arguments(
-            taken, learning_rate
-        )
         window = {}
         if self._window_starts is not None:
             # Eager: the window's place is known, as Keras's own `cond` on
@@ -409,12 +409,12 @@ class Soma(KerasSomaOptimizer):
                 "steps": self._folded_steps,
             }
         _torch_step.soma(
-            values,
-            gradients,
-            [self._momentums[index].value for index, _, _ in taken],
-            learning_rate,
+            taken.values,
+            taken.gradients,
+            [self._momentums[index].value for index in taken.indices],
+            taken.learning_rate,
             self.momentum,
-            rates,
+            taken.rates,
             average_bound=(
                 None
                 if self.momentum_dtype == "float32"

@@ -4,6 +4,10 @@ backend, random gradients, and comparisons with the numpy reference."""
 from __future__ import annotations
 
 import contextlib
+import pathlib
+import socket
+import subprocess
+import time
 from collections.abc import Callable
 
 import keras
@@ -294,3 +298,50 @@ def op_determinism():
         yield
     finally:
         config.disable_op_determinism()
+
+
+def free_local_ports(count: int) -> list[int]:
+    """`count` distinct ports that were free on 127.0.0.1 a moment ago."""
+    sockets = []
+    try:
+        for _ in range(count):
+            bound = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            bound.bind(("127.0.0.1", 0))
+            sockets.append(bound)
+        return [bound.getsockname()[1] for bound in sockets]
+    finally:
+        for bound in sockets:
+            bound.close()
+
+
+def run_processes(commands, environment, logs, timeout_seconds: float) -> None:
+    """Starts one process per command (output to its log) and waits for
+    them all, at most `timeout_seconds`; ends every one as soon as one
+    fails or the time is up. Asserts that each ended with 0, showing the
+    tail of the log of the first that did not."""
+    processes = []
+    try:
+        for command, log_path in zip(commands, logs):
+            with open(log_path, "w") as log:
+                processes.append(
+                    subprocess.Popen(
+                        command, env=environment, stdout=log, stderr=subprocess.STDOUT
+                    )
+                )
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            codes = [process.poll() for process in processes]
+            if all(code == 0 for code in codes) or any(code for code in codes):
+                break
+            time.sleep(0.5)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    for index, process in enumerate(processes):
+        tail = pathlib.Path(logs[index]).read_text()[-4000:]
+        assert process.returncode == 0, (
+            f"process {index} ended with {process.returncode} "
+            f"(killed after {timeout_seconds} s if negative):\n{tail}"
+        )

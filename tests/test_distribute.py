@@ -20,15 +20,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
 import pytest
 from conftest import requires_jax
+from helpers import free_local_ports, run_processes
 
 import keras_soma
 from keras_soma._reference import apply_weight_decay, majority_vote_soma_step
@@ -183,13 +182,6 @@ MULTI_PROCESS_CASE = "4,packed,none,none"
 MULTI_PROCESS_TIMEOUT_SECONDS = 300
 
 
-def free_local_port():
-    """A port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as bound:
-        bound.bind(("127.0.0.1", 0))
-        return bound.getsockname()[1]
-
-
 @pytest.mark.slow
 @requires_jax
 @pytest.mark.skipif(
@@ -198,44 +190,20 @@ def free_local_port():
 def test_two_processes_equal_one_process(vote_runs, tmp_path):
     """2 processes x 2 host devices on localhost (keras.distribution
     .initialize, gloo) train as one process over 4 devices does."""
-    port = free_local_port()
+    (port,) = free_local_ports(1)
     output = str(tmp_path / "processes.npz")
     environment = {**os.environ, "PYTHONPATH": REPOSITORY}
     environment.pop("XLA_FLAGS", None)
-    logs = [tmp_path / f"process_{index}.log" for index in range(2)]
-    processes = []
-    try:
-        for index in range(2):
-            with open(logs[index], "w") as log:
-                processes.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            os.path.join(TESTS_DIRECTORY, "majority_vote_processes.py"),
-                            str(index),
-                            str(port),
-                            output,
-                            MULTI_PROCESS_CASE,
-                        ],
-                        env=environment,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-        deadline = time.monotonic() + MULTI_PROCESS_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            codes = [process.poll() for process in processes]
-            if all(code == 0 for code in codes) or any(code for code in codes):
-                break
-            time.sleep(0.5)
-    finally:
-        # Ends both as soon as one fails or the time is up.
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-    for index, process in enumerate(processes):
-        assert process.returncode == 0, (index, logs[index].read_text()[-4000:])
+    script = os.path.join(TESTS_DIRECTORY, "majority_vote_processes.py")
+    run_processes(
+        [
+            [sys.executable, script, str(index), str(port), output, MULTI_PROCESS_CASE]
+            for index in range(2)
+        ],
+        environment,
+        [tmp_path / f"process_{index}.log" for index in range(2)],
+        MULTI_PROCESS_TIMEOUT_SECONDS,
+    )
     result = np.load(output)
     other = np.load(output + ".process1.npz")
     assert_matches_reference(result, MULTI_PROCESS_CASE)

@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
 import pytest
 from conftest import LOGICAL_CPUS, requires_jax, requires_tensorflow
-from helpers import TOLERANCE, to_numpy
+from helpers import TOLERANCE, free_local_ports, run_processes, to_numpy
 from registry import REGISTRY
 
 import keras_soma
@@ -269,20 +266,6 @@ def test_mirrored_row_path_equals_one_device(spec):
 MULTI_WORKER_TIMEOUT_SECONDS = 120
 
 
-def free_local_ports(count):
-    """`count` distinct ports that were free on 127.0.0.1 a moment ago."""
-    sockets = []
-    try:
-        for _ in range(count):
-            bound = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            bound.bind(("127.0.0.1", 0))
-            sockets.append(bound)
-        return [bound.getsockname()[1] for bound in sockets]
-    finally:
-        for bound in sockets:
-            bound.close()
-
-
 def run_workers(tmp_path):
     """Starts both workers and waits for them, at most the timeout; ends
     both as soon as one fails or the time is up. Returns their outputs."""
@@ -295,43 +278,24 @@ def run_workers(tmp_path):
     if "TFDS_DATA_DIR" not in environment and os.path.isdir(shared_data):
         environment["TFDS_DATA_DIR"] = shared_data
     outputs = [str(tmp_path / f"worker_{index}.npz") for index in range(2)]
-    logs = [tmp_path / f"worker_{index}.log" for index in range(2)]
-    workers = []
-    try:
-        for index in range(2):
-            with open(logs[index], "w") as log:
-                workers.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            os.path.join(TESTS_DIRECTORY, "multi_worker_run.py"),
-                            str(index),
-                            ports,
-                            outputs[index],
-                            "--timeout",
-                            str(MULTI_WORKER_TIMEOUT_SECONDS - 5),
-                        ],
-                        env=environment,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-        deadline = time.monotonic() + MULTI_WORKER_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            codes = [worker.poll() for worker in workers]
-            if all(code == 0 for code in codes) or any(code for code in codes):
-                break
-            time.sleep(0.5)
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-            worker.wait()
-    for index, worker in enumerate(workers):
-        log = logs[index].read_text()[-3000:]
-        assert worker.returncode == 0, (
-            f"worker {index} ended with {worker.returncode}:\n{log}"
-        )
+    script = os.path.join(TESTS_DIRECTORY, "multi_worker_run.py")
+    run_processes(
+        [
+            [
+                sys.executable,
+                script,
+                str(index),
+                ports,
+                outputs[index],
+                "--timeout",
+                str(MULTI_WORKER_TIMEOUT_SECONDS - 5),
+            ]
+            for index in range(2)
+        ],
+        environment,
+        [tmp_path / f"worker_{index}.log" for index in range(2)],
+        MULTI_WORKER_TIMEOUT_SECONDS,
+    )
     return [np.load(output) for output in outputs]
 
 
