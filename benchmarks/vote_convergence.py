@@ -41,7 +41,6 @@ def test_accuracy(workers, seed, epochs, batch_size):
 
     import keras_soma
 
-    train, test = common.load_fashion_mnist(batch_size, seed)
     distribution = (
         keras.distribution.DataParallel(
             devices=keras.distribution.list_devices("cpu")[:workers]
@@ -52,6 +51,8 @@ def test_accuracy(workers, seed, epochs, batch_size):
     keras.distribution.set_distribution(distribution)
     try:
         keras.utils.set_random_seed(seed)
+        # Built after seeding: every configuration sees the same batches.
+        train, test = common.load_fashion_mnist(batch_size, seed)
         model = common.build_mlp()
         model.compile(
             optimizer=keras_soma.Soma(),

@@ -140,6 +140,11 @@ def load_fashion_mnist(
     them. Pixels are scaled to [0, 1]; the training set is reshuffled every
     epoch with `seed`.
 
+    The order of the batches depends on TensorFlow's global seed when the
+    pipeline is built and on how often it was iterated before: runs that
+    must see the same batches build their own pipeline after seeding
+    (`train_and_evaluate` does, given `load_data`'s `make_train`).
+
     Args:
         batch_size: Training batch size (the test set uses 1024).
         seed: Seed of the training set's shuffle.
@@ -250,7 +255,11 @@ def train_and_evaluate(
     Args:
         build_model: A function returning a fresh, uncompiled model.
         optimizer_name: A key of `OPTIMIZERS`.
-        train: The training dataset of `(image, label)` batches.
+        train: The training dataset of `(image, label)` batches, or a
+            function that builds it (`load_data`'s `make_train`). Given a
+            function, it is called after seeding, so that every run sees
+            the same batches in the same order; a dataset's order depends
+            on how often it was iterated before.
         test: The test dataset; validated on after every epoch.
         epochs: Number of epochs.
         seed: Seed of the weight initialization.
@@ -269,6 +278,8 @@ def train_and_evaluate(
         and the trained `model`.
     """
     keras.utils.set_random_seed(seed)
+    if callable(train):
+        train = train()
     model = build_model()
     optimizer = make_optimizer(optimizer_name, learning_rate, **optimizer_kwargs)
     model.compile(
@@ -406,14 +417,23 @@ def check_common_arguments(parser: argparse.ArgumentParser, args) -> None:
 
 
 def load_data(args):
-    """`load_fashion_mnist` with the common arguments of `args`."""
-    return load_fashion_mnist(
+    """`(make_train, test)`: `make_train()` builds the training pipeline of
+    `load_fashion_mnist` with the common arguments of `args`, anew on each
+    call (see `train_and_evaluate`); `test` is the test set."""
+
+    load = functools.partial(
+        load_fashion_mnist,
         args.batch_size,
         args.seed,
         args.steps_per_epoch,
         data_dir=args.data_dir,
         manual_dir=args.manual_dir,
     )
+
+    def make_train():
+        return load()[0]
+
+    return make_train, load()[1]
 
 
 def epochs_text(epochs: int) -> str:

@@ -22,6 +22,7 @@ once).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -133,17 +134,25 @@ def main(argv=None):
     seeds = list(range(args.seed, args.seed + args.seeds))
     runs = {name: [] for name in args.optimizer}
     for seed in seeds:
-        # The seed sets the training set's order as well as the weights.
-        train, test = common.load_fashion_mnist(
+        # The seed sets the training set's order as well as the weights;
+        # each run builds its own pipeline (after seeding), so that every
+        # optimizer sees the same batches in the same order.
+        load = functools.partial(
+            common.load_fashion_mnist,
             args.batch_size,
             seed,
             args.steps_per_epoch,
             data_dir=args.data_dir,
             manual_dir=args.manual_dir,
         )
+        test = load()[1]
+
+        def make_train(load=load):
+            return load()[0]
+
         for name in args.optimizer:
             row = common.train_and_evaluate(
-                build_model, name, train, test, epochs=args.epochs, seed=seed
+                build_model, name, make_train, test, epochs=args.epochs, seed=seed
             )
             runs[name].append(row)
             print(

@@ -190,7 +190,9 @@ def write_plot(path, title, learning_rates, raw_accuracies, averaged_accuracies)
 
 def main(argv=None):
     args = parse_args(argv)
-    train, test = common.load_data(args)
+    make_train, test = common.load_data(args)
+    keras.utils.set_random_seed(args.seed)
+    train = make_train()
     steps_per_epoch = int(train.cardinality())
     if steps_per_epoch < 1:  # unknown to tf.data
         steps_per_epoch = math.ceil(common.TRAIN_EXAMPLES / args.batch_size)
