@@ -87,6 +87,18 @@ def run_against_reference(
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"rank{len(s)}")
 @pytest.mark.parametrize("spec,case", CASES)
 def test_float32_matches_reference(spec, case, shape, mode):
+    if (
+        keras.backend.backend() == "torch"
+        and mode == "compiled"
+        and case.get("momentum_dtype") == "int8"
+        and case != spec.reference_cases[0]
+        and len(shape) != 2
+    ):
+        # Measured: torch.compile (inductor, CPU) takes 30-40 s to compile
+        # each blockwise int8 step, some 9 minutes for every case at every
+        # rank. The first case runs at every rank, the others at rank 2;
+        # eager mode runs them all.
+        pytest.skip("int8 cases other than the first: rank 2 only when compiled")
     run_against_reference(spec, case, shape, "float32", mode)
 
 

@@ -4,7 +4,8 @@ both in-process and as a subprocess that gets killed.
     python tests/training_run.py OPTIMIZER BACKUP_DIR OUTPUT.npz [--crash-at-step N]
 
 Trains a tiny model for `EPOCHS` epochs on fixed data with
-`keras.callbacks.BackupAndRestore(save_freq="epoch")` and
+`keras.callbacks.BackupAndRestore(save_freq="epoch", double_checkpoint=True)`
+and
 `keras_soma.PolyakAveraging`, printing "step <n>" after every batch, and
 saves the final weights, optimizer state and averages to OUTPUT.npz.
 """
@@ -85,8 +86,15 @@ def train(optimizer_name: str, backup_dir=None, extra_callbacks=(), model=None):
     model.polyak_averaging_callback = averaging
     callbacks = [averaging, *extra_callbacks]
     if backup_dir is not None:
+        # double_checkpoint: a kill while the backup is being written leaves
+        # a truncated weights file, which Keras cannot open on restart
+        # ("file signature not found"); with the previous backup kept,
+        # Keras restores that one instead.
         callbacks.insert(
-            0, keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch")
+            0,
+            keras.callbacks.BackupAndRestore(
+                backup_dir, save_freq="epoch", double_checkpoint=True
+            ),
         )
     inputs, targets = data()
     model.fit(
