@@ -340,6 +340,13 @@ _sm3_int8 = OptimizerSpec(
     },
     # A block runs across rows: a row-sliced gradient is applied densely
     # (no row path, `sparse_reference_step` None).
+    # The new float32 momentum is materialized for its blocks' new scales
+    # (a reduction XLA on CPU does not fuse with the element-wise passes
+    # around it), and so is a second float32 temporary of its size: XLA's
+    # analysis gave 5,405,616 bytes (2.58 times the largest variable's
+    # 2,097,152) on the test's shapes, JAX 0.10 on CPU, with or without the
+    # row-blocked path (float32 momentum: 0.26 times). Not reduced yet.
+    temporary_allowance=2.75,
 )
 STATE_FORMATS[_sm3_int8.name] = _sm3_int8
 
