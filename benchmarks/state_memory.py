@@ -47,6 +47,14 @@ CONFIGURATIONS = [
     ("GradSign", lambda: keras_soma.GradSign()),
     ("SM3 (momentum=0)", lambda: keras_soma.SM3(momentum=0.0)),
     ("SM3 (momentum=0.9)", lambda: keras_soma.SM3()),
+    (
+        "SM3 (momentum=0.9, momentum_dtype=bfloat16)",
+        lambda: keras_soma.SM3(momentum_dtype="bfloat16"),
+    ),
+    (
+        "SM3 (momentum=0.9, momentum_dtype=int8, block_size=256)",
+        lambda: keras_soma.SM3(momentum_dtype="int8"),
+    ),
     ("Keras Adam", keras.optimizers.Adam),
     ("Keras Lion", keras.optimizers.Lion),
     ("Keras Adagrad", keras.optimizers.Adagrad),

@@ -37,6 +37,9 @@ OPTIMIZERS = {
     "sgd": keras.optimizers.SGD,
     "lion": keras.optimizers.Lion,
     "sm3": keras_soma.SM3,
+    # SM3 with its momentum stored as blockwise int8 (Soma's format), else
+    # at its defaults.
+    "sm3-int8": functools.partial(keras_soma.SM3, momentum_dtype="int8"),
 }
 
 DISPLAY_NAMES = {
@@ -44,6 +47,7 @@ DISPLAY_NAMES = {
     "soma-int8": "Soma int8",
     "gradsign": "GradSign",
     "sm3": "SM3",
+    "sm3-int8": "SM3 int8",
     "adam": "Adam",
     "adagrad": "Adagrad",
     "rmsprop": "RMSprop",

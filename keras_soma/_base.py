@@ -20,18 +20,38 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import keras
 from keras import ops
 
-from keras_soma import _common, _fused, _sparse
+from keras_soma import _common, _fused, _quantize, _sparse
 
 # Keras's helper for state of a variable's own shape and dtype (3.10 on).
 _HAS_ADD_OPTIMIZER_VARIABLES = hasattr(
     keras.optimizers.Optimizer, "add_optimizer_variables"
 )
+
+
+# The values a `momentum_dtype` argument takes: the float dtypes of
+# `_common`, and blockwise int8 (`keras_soma._quantize`).
+MOMENTUM_DTYPES = (*_common.STATE_DTYPES, "int8")
+
+
+def check_momentum_format(
+    momentum_dtype: Any, block_size: Any, allow_none: bool = False
+) -> tuple[str | None, int]:
+    """Checks the `momentum_dtype` and `block_size` arguments of an
+    optimizer whose momentum may be stored as blockwise int8; returns them
+    standardized (`momentum_dtype=None`, where `allow_none`, is kept)."""
+    if not (allow_none and momentum_dtype is None):
+        momentum_dtype = _common.check_state_dtype(
+            "momentum_dtype", momentum_dtype, MOMENTUM_DTYPES
+        )
+    block_size = _common.check_integer("block_size", block_size, 1)
+    return momentum_dtype, block_size
 
 
 def _overwritten_with_gradient(variable) -> bool:
@@ -163,6 +183,28 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         if storage_dtype != dtype:
             self._stored_wider[id(state)] = dtype
         return state
+
+    def add_block_scales(self, var_list, block_size: int) -> list[Any]:
+        """The `momentum_scale` slots of a blockwise int8 momentum
+        (`keras_soma._quantize`): for each variable, one float32 per
+        `block_size` consecutive elements of its row-major flattening,
+        `[ceil(size / block_size)]`, replicated (a few bytes per block),
+        initialized to 1 so that a scale is never 0."""
+        return [
+            self.add_slot(
+                variable,
+                "momentum_scale",
+                dtype="float32",
+                shape=(
+                    _quantize.block_count(
+                        math.prod(int(size) for size in variable.shape), block_size
+                    ),
+                ),
+                layout=None,
+                initializer="ones",
+            )
+            for variable in var_list
+        ]
 
     def get_slots(self, variable) -> dict[str, Any]:
         """The optimizer state of one trainable variable, by slot name.

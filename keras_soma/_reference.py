@@ -375,10 +375,18 @@ def gradsign_step(
 # ---------------------------------------------------------------------------
 
 
-def sm3_init(variable: np.ndarray, momentum: float = 0.9, **unused) -> State:
+def sm3_init(
+    variable: np.ndarray,
+    momentum: float = 0.9,
+    momentum_dtype: str | None = None,
+    block_size: int = 256,
+    **unused,
+) -> State:
     """Rank >= 2: one float32 vector per axis (`accumulator_<axis>`);
-    rank 0 and 1: one full-size float32 `accumulator`; plus a `momentum`
-    of the variable's shape and dtype when momentum > 0."""
+    rank 0 and 1: one full-size float32 `accumulator`; plus, when
+    momentum > 0, a `momentum` of the variable's shape, in `momentum_dtype`
+    (None: the variable's dtype), or as Soma's blockwise int8 (`momentum`
+    codes and `momentum_scale`)."""
     if variable.ndim >= 2:
         state = {
             f"accumulator_{axis}": np.zeros((dimension,), np.float32)
@@ -386,8 +394,13 @@ def sm3_init(variable: np.ndarray, momentum: float = 0.9, **unused) -> State:
         }
     else:
         state = {"accumulator": np.zeros(variable.shape, np.float32)}
-    if momentum > 0:
-        state["momentum"] = np.zeros(variable.shape, variable.dtype)
+    if momentum > 0 and momentum_dtype == "int8":
+        state.update(soma_init(variable, "int8", block_size))
+    elif momentum > 0:
+        state["momentum"] = np.zeros(
+            variable.shape,
+            variable.dtype if momentum_dtype is None else numpy_dtype(momentum_dtype),
+        )
     return state
 
 
@@ -477,6 +490,8 @@ def sm3_step(
     beta_2: float = 1.0,
     epsilon: float = 1e-30,
     variant: str = "II",
+    momentum_dtype: str | None = None,
+    block_size: int = 256,
 ) -> tuple[np.ndarray, State]:
     """One dense SM3 step (variant I or II, sums or moving averages).
 
@@ -484,6 +499,10 @@ def sm3_step(
     I:  A_r <- A_r + max of g^2 over the other axes, nu = min_r A_r.
     u = g / sqrt(nu + eps) (0 where nu = 0); m <- mu m + (1 - mu) u;
     theta <- theta - lr * m (u without momentum).
+
+    A blockwise int8 `m` (`momentum_scale` in the state) is dequantized
+    first, the variable moves by the float32 `m`, and `m` is requantized
+    (`quantize_blockwise`, nearest rounding), as in `soma_step`.
     """
     variable = apply_weight_decay(variable, learning_rate, weight_decay)
     with np.errstate(over="ignore"):
@@ -495,11 +514,17 @@ def sm3_step(
     else:
         accumulators = {None: state["accumulator"]}
     nu, new = _sm3_nu_and_accumulators(squares, accumulators, variant, beta_2)
+    momentum_value = state.get("momentum")
+    quantized = "momentum_scale" in state
+    if quantized:
+        momentum_value = dequantize_blockwise(
+            momentum_value, state["momentum_scale"], block_size
+        )
     new_variable, new_momentum = _sm3_move(
         variable,
         gradient,
         nu,
-        state.get("momentum"),
+        momentum_value,
         learning_rate,
         momentum,
         beta_2,
@@ -509,7 +534,10 @@ def sm3_step(
         new_state = {f"accumulator_{axis}": new[axis] for axis in range(variable.ndim)}
     else:
         new_state = {"accumulator": new[None]}
-    if new_momentum is not None:
+    if quantized:
+        codes, scales = quantize_blockwise(new_momentum, block_size)
+        new_state.update({"momentum": codes, "momentum_scale": scales})
+    elif new_momentum is not None:
         new_state["momentum"] = new_momentum
     return new_variable, new_state
 
@@ -534,6 +562,8 @@ def sm3_sparse_step(
     beta_2: float = 1.0,
     epsilon: float = 1e-30,
     variant: str = "II",
+    momentum_dtype: str | None = None,
+    block_size: int = 256,
 ) -> tuple[np.ndarray, State]:
     """The row path of SM3 for a row-sliced gradient (`values[i]` is the
     gradient of row `indices[i]`; repeated rows are summed).
@@ -543,7 +573,11 @@ def sm3_sparse_step(
     `accumulator` of a vector); the other axes' accumulators, and every
     untouched row of the variable, the accumulator and the momentum, are
     left exactly as they were (no decay, no weight decay, no momentum).
+    With a blockwise int8 momentum SM3 takes no row path (`sm3_step` on
+    the dense gradient applies).
     """
+    if "momentum_scale" in state:
+        raise ValueError("SM3 with an int8 momentum has no row path")
     rows, summed = summed_rows(indices, values)
     row_name = "accumulator_0" if variable.ndim >= 2 else "accumulator"
     touched = apply_weight_decay(variable[rows], learning_rate, weight_decay)

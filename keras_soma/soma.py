@@ -5,7 +5,11 @@ from __future__ import annotations
 from keras import ops
 
 from keras_soma import _common, _quantize
-from keras_soma._base import KerasSomaOptimizer, _overwritten_with_gradient
+from keras_soma._base import (
+    KerasSomaOptimizer,
+    _overwritten_with_gradient,
+    check_momentum_format,
+)
 
 
 def soma_update(value, gradient, momentum_value, learning_rate, momentum):
@@ -80,11 +84,6 @@ def on_int8_average(step_fn):
         return (new_value, *_quantize.quantize_blockwise(average, block_size))
 
     return step
-
-
-# The values `momentum_dtype` takes: the float dtypes of `_common`, and
-# blockwise int8 (`keras_soma._quantize`).
-MOMENTUM_DTYPES = (*_common.STATE_DTYPES, "int8")
 
 
 def _clips(optimizer) -> bool:
@@ -217,10 +216,7 @@ class Soma(KerasSomaOptimizer):
         momentum = _common.check_number(
             "momentum", momentum, 0.0, 1.0, high_inclusive=False
         )
-        momentum_dtype = _common.check_state_dtype(
-            "momentum_dtype", momentum_dtype, MOMENTUM_DTYPES
-        )
-        block_size = _common.check_integer("block_size", block_size, 1)
+        momentum_dtype, block_size = check_momentum_format(momentum_dtype, block_size)
         if momentum_dtype == "int8" and lazy_sparse_updates is True:
             raise ValueError(
                 "Argument `lazy_sparse_updates` must be False with "
@@ -307,28 +303,11 @@ class Soma(KerasSomaOptimizer):
                 )
                 for variable in var_list
             ]
-        if self.momentum_dtype == "int8":
-            # One float32 per block, replicated (a few bytes per block);
-            # 1 rather than 0 so that a scale is never 0.
-            self._momentum_scales = [
-                self.add_slot(
-                    variable,
-                    "momentum_scale",
-                    dtype="float32",
-                    shape=(self._block_count(variable),),
-                    layout=None,
-                    initializer="ones",
-                )
-                for variable in var_list
-            ]
-        else:
-            self._momentum_scales = None
-
-    def _block_count(self, variable) -> int:
-        size = 1
-        for dimension in variable.shape:
-            size *= int(dimension)
-        return _quantize.block_count(size, self.block_size)
+        self._momentum_scales = (
+            self.add_block_scales(var_list, self.block_size)
+            if self.momentum_dtype == "int8"
+            else None
+        )
 
     def _backend_apply_gradients(self, grads, trainable_variables):
         steps = self._folded_steps

@@ -249,8 +249,10 @@ def to_numpy(value) -> np.ndarray:
 
 
 def assert_state_close(
-    optimizer, variable, reference_state: dict, dtype: str, context=""
+    optimizer, variable, reference_state: dict, dtype: str, context="", floor=0.0
 ):
+    """Every slot against the reference, to the tolerance of its dtype (at
+    least `floor`)."""
     slots = optimizer.get_slots(variable)
     assert sorted(slots) == sorted(reference_state), (
         f"slot names {sorted(slots)} != reference {sorted(reference_state)}"
@@ -260,6 +262,8 @@ def assert_state_close(
         assert actual.dtype == expected.dtype, (name, actual.dtype, expected.dtype)
         assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
         tolerance = TOLERANCE.get(str(expected.dtype), 0)
+        if tolerance:
+            tolerance = max(tolerance, floor)
         np.testing.assert_allclose(
             actual.astype(np.float64),
             expected.astype(np.float64),

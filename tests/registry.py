@@ -5,8 +5,8 @@ the contract suite (`test_contract.py`) and the reference tests
 (`test_reference.py`) are parameterized over `REGISTRY`, and
 `test_registry_lists_every_export` fails if an export is missing.
 
-A state format that changes what an optimizer stores (Soma's blockwise
-int8 momentum) is a row of its own in `STATE_FORMATS`, with the
+A state format that changes what an optimizer stores (Soma's and SM3's
+blockwise int8 momentum) is a row of its own in `STATE_FORMATS`, with the
 constructor arguments that select it (`arguments`); the contract, reference
 and property suites run over `CONTRACT_ROWS`, both tables together.
 """
@@ -192,12 +192,20 @@ register(
             {"momentum": 0.0},
             {"variant": "I", "momentum": 0.0, "beta_2": 0.9},
             {"beta_2": 0.99, "epsilon": 1e-8},
+            {"momentum_dtype": "bfloat16"},
+            {"momentum": 0.5, "momentum_dtype": "float32"},
         ],
         fit_learning_rate=0.1,
         bytes_per_parameter=[
             ({"momentum": 0.0}, SM3_ACCUMULATOR_BYTES_PER_PARAMETER),
             # momentum adds one float32 per parameter.
             ({}, 4.0 + SM3_ACCUMULATOR_BYTES_PER_PARAMETER),
+            ({"momentum_dtype": "bfloat16"}, 2.0 + SM3_ACCUMULATOR_BYTES_PER_PARAMETER),
+            # No momentum, so no int8 codes or scales either.
+            (
+                {"momentum": 0.0, "momentum_dtype": "int8"},
+                SM3_ACCUMULATOR_BYTES_PER_PARAMETER,
+            ),
         ],
         bad_arguments=COMMON_BAD_ARGUMENTS
         + [
@@ -211,10 +219,15 @@ register(
             ({"epsilon": -1e-8}, "epsilon"),
             ({"epsilon": float("inf")}, "epsilon"),
             ({"blocked": 1}, "blocked"),
+            ({"momentum_dtype": "int4"}, "momentum_dtype"),
+            ({"momentum_dtype": "float64"}, "momentum_dtype"),
+            ({"block_size": 0}, "block_size"),
         ],
         config_case={
             "learning_rate": 0.05,
             "momentum": 0.0,
+            "momentum_dtype": "bfloat16",
+            "block_size": 64,
             "beta_2": 0.99,
             "epsilon": 1e-8,
             "variant": "I",
@@ -279,6 +292,63 @@ _soma_int8 = OptimizerSpec(
     temporary_allowance=1.5,
 )
 STATE_FORMATS[_soma_int8.name] = _soma_int8
+
+# SM3 with int8 momentum on the MLP: Soma-int8's codes and scales (the
+# same blocks) plus SM3's float32 accumulators.
+SM3_INT8_BYTES_PER_PARAMETER = (
+    SOMA_INT8_BYTES_PER_PARAMETER + SM3_ACCUMULATOR_BYTES_PER_PARAMETER
+)
+
+_sm3_int8 = OptimizerSpec(
+    cls=keras_soma.SM3,
+    suffix="-int8",
+    arguments=INT8,
+    reference_init=_reference.sm3_init,
+    reference_step=_reference.sm3_step,
+    # Small blocks, so that the test shapes have several blocks and a
+    # partial last one.
+    reference_cases=[
+        dict(INT8),
+        {**INT8, "block_size": 4},
+        {**INT8, "block_size": 5, "momentum": 0.5, "variant": "I"},
+        {**INT8, "block_size": 1, "momentum": 0.99, "beta_2": 0.99},
+    ],
+    fit_learning_rate=0.1,
+    bytes_per_parameter=[
+        (dict(INT8), SM3_INT8_BYTES_PER_PARAMETER),
+        (
+            {**INT8, "block_size": 64},
+            1.0
+            + 4 * (1568 + 2 + 128 + 1 + 10 + 1) / 109_386
+            + SM3_ACCUMULATOR_BYTES_PER_PARAMETER,
+        ),
+    ],
+    bad_arguments=COMMON_BAD_ARGUMENTS
+    + [
+        ({"block_size": 0}, "block_size"),
+        ({"block_size": 2.5}, "block_size"),
+        ({"block_size": True}, "block_size"),
+        ({"momentum_dtype": "uint8"}, "momentum_dtype"),
+        ({"variant": "III"}, "variant"),
+    ],
+    config_case={
+        "learning_rate": 0.05,
+        "momentum": 0.8,
+        "momentum_dtype": "int8",
+        "block_size": 64,
+        "variant": "I",
+    },
+    # A block runs across rows: a row-sliced gradient is applied densely
+    # (no row path, `sparse_reference_step` None).
+    # The new float32 momentum is materialized for its blocks' new scales
+    # (a reduction XLA on CPU does not fuse with the element-wise passes
+    # around it), and so is a second float32 temporary of its size: XLA's
+    # analysis gave 5,405,616 bytes (2.58 times the largest variable's
+    # 2,097,152) on the test's shapes, JAX 0.10 on CPU, with or without the
+    # row-blocked path (float32 momentum: 0.26 times). Not reduced yet.
+    temporary_allowance=2.75,
+)
+STATE_FORMATS[_sm3_int8.name] = _sm3_int8
 
 # What the contract, reference and property suites run over.
 CONTRACT_ROWS: dict[str, OptimizerSpec] = {**REGISTRY, **STATE_FORMATS}

@@ -18,6 +18,7 @@ from helpers import (
 )
 from registry import CONTRACT_ROWS
 
+import keras_soma
 from keras_soma._reference import numpy_dtype
 
 SHAPES = [(), (7,), (5, 3), (2, 3, 2, 4)]
@@ -71,12 +72,24 @@ def run_against_reference(
         )
         actual = to_numpy(variable)
         assert actual.dtype == expected.dtype
-        tolerance = TOLERANCE[dtype]
+        tolerance = atol = TOLERANCE[dtype]
+        if (
+            keras.backend.backend() == "torch"
+            and mode == "compiled"
+            and case.get("momentum_dtype") in ("bfloat16", "float16")
+            and spec.cls is keras_soma.SM3
+        ):
+            # Inductor does not round an intermediate to bfloat16 or float16
+            # (torch._inductor.config.emulate_precision_casts is off), so
+            # SM3's compiled step moves by the momentum before its rounding
+            # to the stored dtype: at most lr * 2**-8 (|m| <= 1) per step
+            # (measured 5e-6 after 3 steps at lr 0.01, bfloat16).
+            atol = max(tolerance, LEARNING_RATE * 2**-8 * (index + 1))
         np.testing.assert_allclose(
             actual.astype(np.float64),
             expected.astype(np.float64),
             rtol=tolerance,
-            atol=tolerance,
+            atol=atol,
             err_msg=f"variable after step {index + 1}",
         )
         assert_state_close(optimizer, variable, state, dtype, f"after step {index + 1}")

@@ -768,3 +768,203 @@ def test_blocked_true_runs_eagerly_on_jax(tiny_blocks):
     np.testing.assert_allclose(to_numpy(variable), expected, rtol=2e-6, atol=2e-6)
     for name, value in slot_values(optimizer, variable).items():
         np.testing.assert_allclose(value, state[name], rtol=2e-6, err_msg=name)
+
+
+# ---------------------------------------------------------------------------
+# momentum_dtype: the momentum in reduced precision (blockwise int8 as Soma)
+# ---------------------------------------------------------------------------
+
+
+def test_int8_momentum_is_codes_and_scales_at_about_one_byte_per_parameter():
+    shape = (384, 640)
+    variable = keras.Variable(np.zeros(shape, "float32"))
+    optimizer = keras_soma.SM3(momentum_dtype="int8")
+    optimizer.build([variable])
+    slots = optimizer.get_slots(variable)
+    assert sorted(slots) == [
+        "accumulator_0",
+        "accumulator_1",
+        "momentum",
+        "momentum_scale",
+    ]
+    assert keras.backend.standardize_dtype(slots["momentum"].dtype) == "int8"
+    assert tuple(slots["momentum"].shape) == shape
+    size = shape[0] * shape[1]
+    blocks = -(-size // 256)
+    assert tuple(slots["momentum_scale"].shape) == (blocks,)
+    np.testing.assert_array_equal(to_numpy(slots["momentum_scale"]), np.ones(blocks))
+    # One int8 code per parameter, a float32 scale per 256, and the float32
+    # accumulators of the rows and the columns: 1.023 here, against 4.007
+    # with a float32 momentum.
+    expected = 1.0 + 4 * blocks / size + 4 * sum(shape) / size
+    measured = state_bytes_per_parameter(optimizer, [variable])
+    assert measured == pytest.approx(expected, rel=1e-9)
+    assert 1.0 < measured < 1.05
+    float32 = keras_soma.SM3()
+    float32.build([variable])
+    assert state_bytes_per_parameter(float32, [variable]) - measured == pytest.approx(
+        3.0 - 4 * blocks / size
+    )
+
+
+@pytest.mark.parametrize(
+    "variable_dtype,momentum_dtype,stored",
+    [
+        ("float32", None, "float32"),
+        ("float16", None, "float16"),
+        ("float16", "float32", "float32"),
+        ("float32", "bfloat16", "bfloat16"),
+    ],
+)
+def test_momentum_dtype_of_the_float_formats(variable_dtype, momentum_dtype, stored):
+    # None keeps the momentum in the variable's dtype, as before the
+    # argument existed (so saved state keeps loading).
+    variable = keras.Variable(np.zeros((4, 3)), dtype=variable_dtype)
+    optimizer = keras_soma.SM3(momentum_dtype=momentum_dtype)
+    optimizer.build([variable])
+    slots = optimizer.get_slots(variable)
+    assert "momentum_scale" not in slots
+    assert keras.backend.standardize_dtype(slots["momentum"].dtype) == stored
+
+
+def test_int8_at_momentum_zero_keeps_no_momentum():
+    variable = keras.Variable(np.zeros((6, 5), "float32"))
+    optimizer = keras_soma.SM3(momentum=0.0, momentum_dtype="int8")
+    optimizer.build([variable])
+    assert sorted(optimizer.get_slots(variable)) == ["accumulator_0", "accumulator_1"]
+    assert optimizer.get_config()["momentum_dtype"] == "int8"
+
+
+def test_momentum_dtype_and_block_size_messages():
+    with pytest.raises(ValueError) as raised:
+        keras_soma.SM3(momentum_dtype="uint8")
+    message = str(raised.value)
+    assert "Argument `momentum_dtype` must be one of" in message
+    for valid in ("'float32'", "'bfloat16'", "'float16'", "'int8'"):
+        assert valid in message
+    assert "received: momentum_dtype='uint8'" in message
+    for block_size in (0, -4, 2.5, "256", True, None):
+        with pytest.raises(ValueError) as raised:
+            keras_soma.SM3(momentum_dtype="int8", block_size=block_size)
+        assert (
+            "Argument `block_size` must be an integer >= 1; "
+            f"received: block_size={block_size!r}"
+        ) in str(raised.value)
+
+
+@pytest.mark.parametrize("momentum_dtype", ["int8", "bfloat16"])
+def test_reduced_momentum_leaves_the_multi_tensor_torch_step(momentum_dtype):
+    """The torch multi-tensor step keeps the momentum in place in float32:
+    every pair goes to `update_step` (checked against the reference on
+    torch by the SM3-int8 registry row), on every backend's code path."""
+    variables = [keras.Variable(np.ones((4, 3), "float32"))]
+    gradients = [keras.ops.ones((4, 3))]
+    optimizer = keras_soma.SM3(momentum_dtype=momentum_dtype)
+    optimizer.build(variables)
+    rest = optimizer._torch_update(gradients, variables, 0.1)
+    assert [variable for _, variable in rest] == variables
+
+
+@requires_blocked_path
+@pytest.mark.parametrize("mode", BLOCKED_MODES)
+@pytest.mark.parametrize("case", [{}, {"block_size": 5, "momentum": 0.5}], ids=str)
+def test_blocked_path_with_int8_momentum_matches_reference(tiny_blocks, case, mode):
+    """The row-blocked path blocks the accumulators' reductions only; the
+    int8 momentum is dequantized and requantized around it whole."""
+    from registry import STATE_FORMATS
+    from test_reference import run_against_reference
+
+    spec = STATE_FORMATS["SM3-int8"]
+    run_against_reference(spec, {**spec.arguments, **case}, (9, 4), "float32", mode)
+    assert tiny_blocks, "the row-blocked path was not taken"
+
+
+@requires_tensorflow
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_int8_applies_row_sliced_gradients_densely(mode):
+    """A block of the int8 momentum runs across rows, so a tf.IndexedSlices
+    gradient is applied as the dense gradient it stands for: the numbers
+    of the dense reference step, untouched rows moving too."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(8)
+    shape = (6, 4)
+    initial = rng.standard_normal(shape).astype("float32")
+    variable = keras.Variable(initial)
+    optimizer = keras_soma.SM3(0.05, momentum_dtype="int8", block_size=4)
+    optimizer.build([variable])
+    step = row_stepper(optimizer, variable, mode)
+    expected, state = (
+        initial,
+        _reference.sm3_init(initial, momentum_dtype="int8", block_size=4),
+    )
+    for step_indices in ([1, 4, 1], [0, 2, 5], [0, 3, 3]):
+        indices = np.array(step_indices, "int64")
+        values = rng.standard_normal((3, 4)).astype("float32")
+        step(tf.constant(values), tf.constant(indices))
+        dense = np.zeros(shape, "float32")
+        np.add.at(dense, indices, values)
+        expected, state = _reference.sm3_step(
+            expected, dense, state, 0.05, momentum_dtype="int8", block_size=4
+        )
+        np.testing.assert_allclose(to_numpy(variable), expected, rtol=1e-5, atol=1e-6)
+        for name, value in slot_values(optimizer, variable).items():
+            # A code may round the other way where float32 rounding differs.
+            atol = 1 if name == "momentum" else 1e-6
+            np.testing.assert_allclose(value, state[name], rtol=1e-5, atol=atol)
+        if step_indices[0] == 1:
+            after_first = to_numpy(variable).copy()
+    # Row 4 had a gradient at the first step only, and moved with its
+    # momentum at the other two.
+    assert (to_numpy(variable)[4] != after_first[4]).all()
+
+
+@pytest.mark.parametrize(
+    "saved,loading", [("float32", "int8"), ("int8", "float32"), ("bfloat16", "int8")]
+)
+def test_state_of_another_momentum_dtype_is_refused_whole(saved, loading):
+    rng = np.random.default_rng(6)
+    variables = [
+        keras.Variable(rng.standard_normal(shape).astype("float32"))
+        for shape in [(6, 4), (4,)]
+    ]
+    source = keras_soma.SM3(0.01, momentum_dtype=saved)
+    source.build(variables)
+    step = make_stepper(source, variables, "eager")
+    step([rng.standard_normal(tuple(v.shape)).astype("float32") for v in variables])
+    store = {}
+    source.save_own_variables(store)
+
+    target = keras_soma.SM3(0.01, momentum_dtype=loading)
+    target.build(variables)
+    before = [to_numpy(v).copy() for v in target.variables]
+    with pytest.raises(ValueError, match="Cannot load optimizer state"):
+        target.load_own_variables(store)
+    for value, old in zip(target.variables, before):
+        np.testing.assert_array_equal(to_numpy(value), old)
+
+
+def test_int8_momentum_survives_keras_save_and_load(tmp_path):
+    rng = np.random.default_rng(7)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    model.compile(
+        optimizer=keras_soma.SM3(0.01, momentum_dtype="int8", block_size=4),
+        loss="mse",
+    )
+    inputs = rng.standard_normal((32, 5)).astype("float32")
+    targets = rng.standard_normal((32, 3)).astype("float32")
+    model.fit(inputs, targets, epochs=1, batch_size=8, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    config = restored.optimizer.get_config()
+    assert config["momentum_dtype"] == "int8" and config["block_size"] == 4
+    for variable, twin in zip(model.trainable_variables, restored.trainable_variables):
+        original = model.optimizer.get_slots(variable)
+        loaded = restored.optimizer.get_slots(twin)
+        assert "momentum_scale" in original and sorted(original) == sorted(loaded)
+        for name in original:
+            np.testing.assert_array_equal(
+                to_numpy(loaded[name]), to_numpy(original[name])
+            )
+            assert to_numpy(original[name]).any(), name
