@@ -7,9 +7,12 @@ Run op by op, each `keras.ops` call of the pure update functions (in
 next one reads: several times the bytes the step has to move. Here each
 update is written once more with torch's in-place ops (`mul_`, `add_`,
 `addcmul_`, `addcdiv_`) and multi-tensor `torch._foreach_*` ops, so that a
-step makes a few passes over memory per variable and keeps at most one
-temporary of a variable's size at a time, reused from variable to
-variable (`Scratch`).
+step makes a few passes over memory per variable. Soma's and GradSign's
+temporaries are made `CHUNK` elements at a time (`chunks`), in buffers
+reused from chunk to chunk (`Scratch`): a step of a 10 GB table adds 4 MB
+to the peak, not a table-sized copy. SM3's rank >= 2 step keeps one
+temporary of the variable's size (its `nu`, whose maxima run over every
+axis).
 
 The functions take torch tensors (the `.value` of Keras variables, which
 they update in place) and run under `torch.no_grad()` (the caller's). The
@@ -27,12 +30,29 @@ import torch
 from keras_soma import _sm3_math
 
 FLOAT32_MAX = _sm3_math.FLOAT32_MAX
+# Elements per piece of an elementwise step (`chunks`): 4 MB of float32,
+# large enough that the Python loop costs nothing beside the ops.
+CHUNK = 1 << 20
+
+
+def chunks(*tensors):
+    """Matching flat pieces of `tensors` (all with one number of elements),
+    `CHUNK` elements at a time: views, so that in-place ops on a piece
+    write the tensor. The tensors written in place (variables and state)
+    are contiguous; a gradient that is not is copied once, flat."""
+    flats = [
+        tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1)
+        for tensor in tensors
+    ]
+    count = flats[0].numel()
+    for start in range(0, count, CHUNK):
+        yield [flat[start : start + CHUNK] for flat in flats]
 
 
 class Scratch:
-    """Temporaries for one step, reused from variable to variable: one
-    flat buffer per dtype, as large as the largest variable of the step,
-    whose first elements serve each variable. A fresh full-size temporary
+    """Temporaries for one step, reused from chunk to chunk and variable to
+    variable: one flat buffer per dtype, as large as the largest tensor
+    asked for, whose first elements serve each. A fresh large temporary
     per op costs more than the op on CPU (the allocator hands large blocks
     back to the system, and every new one is faulted in page by page)."""
 
@@ -80,10 +100,10 @@ def soma(
     micro-step's place in its window of `steps`).
 
     Passes per variable: the average is scaled and the gradient added in
-    place (two), the sign is taken (one, into a temporary) and the
-    variable moved by `learning_rate` times it (one). A bfloat16 average
-    is updated in a float32 temporary and stored once, saturating, as the
-    reference rounds it.
+    place (two), the sign is taken (one, into a chunk-sized temporary) and
+    the variable moved by `learning_rate` times it (one). A bfloat16
+    average is updated in a float32 temporary, chunk by chunk, and stored
+    once, saturating, as the reference rounds it.
     """
     scratch = Scratch()
     if average_bound is None:
@@ -92,23 +112,25 @@ def soma(
         torch._foreach_add_(averages, gradients, alpha=(1.0 - momentum) / steps)
     else:
         for average, gradient in zip(averages, gradients):
-            wide = scratch.like(average, torch.float32)
-            wide.copy_(average)
-            if starts:
-                wide.mul_(momentum)
-            wide.add_(gradient, alpha=(1.0 - momentum) / steps)
-            wide.clamp_(-average_bound, average_bound)
-            average.copy_(wide)
+            for average_piece, gradient_piece in chunks(average, gradient):
+                wide = scratch.like(average_piece, torch.float32)
+                wide.copy_(average_piece)
+                if starts:
+                    wide.mul_(momentum)
+                wide.add_(gradient_piece, alpha=(1.0 - momentum) / steps)
+                wide.clamp_(-average_bound, average_bound)
+                average_piece.copy_(wide)
     if not ends:
         return
     for value, average, rate in zip(values, averages, decay_rates):
         decay(value, rate)
-        if average.dtype == value.dtype:
-            sign = torch.sign(average, out=scratch.like(average))
-        else:
-            # bfloat16 to float32 is exact; the sign is the stored one's.
-            sign = scratch.like(value).copy_(average).sign_()
-        value.addcmul_(sign, learning_rate, value=-1)
+        for value_piece, average_piece in chunks(value, average):
+            if average.dtype == value.dtype:
+                sign = torch.sign(average_piece, out=scratch.like(average_piece))
+            else:
+                # bfloat16 to float32 is exact; the sign is the stored one's.
+                sign = scratch.like(value_piece).copy_(average_piece).sign_()
+            value_piece.addcmul_(sign, learning_rate, value=-1)
     # torch's sign is 0 for NaN, where the reference's is NaN (a NaN
     # average makes its parameter NaN): a NaN average is rare, and found by
     # one max per average (a max is NaN where an element is), in one sync.
@@ -131,13 +153,16 @@ def gradsign(values, gradients, counters, learning_rate, decay_rates) -> None:
     step = learning_rate / 64
     scratch = Scratch()
     for value, gradient, counter, rate in zip(values, gradients, counters, decay_rates):
-        # c - floor((c + 4) / 8) as an arithmetic shift, as the reference.
-        small = torch.add(counter, 4, out=scratch.like(counter))
-        counter.sub_(small.bitwise_right_shift_(3))
-        sign = torch.sign(gradient, out=scratch.like(gradient))
-        counter.add_(small.copy_(sign), alpha=8)
         decay(value, rate)
-        value.addcmul_(sign.copy_(counter), step, value=-1)
+        for value_piece, gradient_piece, counter_piece in chunks(
+            value, gradient, counter
+        ):
+            # c - floor((c + 4) / 8) as an arithmetic shift, as the reference.
+            small = torch.add(counter_piece, 4, out=scratch.like(counter_piece))
+            counter_piece.sub_(small.bitwise_right_shift_(3))
+            sign = torch.sign(gradient_piece, out=scratch.like(gradient_piece))
+            counter_piece.add_(small.copy_(sign), alpha=8)
+            value_piece.addcmul_(sign.copy_(counter_piece), step, value=-1)
 
 
 def sm3(

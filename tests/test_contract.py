@@ -808,6 +808,53 @@ def test_fused_true_under_torch_compile_is_the_compiled_step(spec, monkeypatch):
     )
 
 
+@requires_torch
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        dict(cls=keras_soma.Soma),
+        dict(cls=keras_soma.Soma, momentum_dtype="bfloat16"),
+        dict(cls=keras_soma.GradSign),
+    ],
+    ids=["soma", "soma-bfloat16", "gradsign"],
+)
+def test_multi_tensor_torch_step_in_chunks_equals_whole(arguments, monkeypatch):
+    """The multi-tensor torch step makes its temporaries `CHUNK` elements
+    at a time, so that a table's step adds a chunk to the peak rather than
+    a table-sized copy: with chunks of 7 elements (variables of 20 and 24
+    elements in 3 and 4 pieces, a last piece short) the numbers are those
+    of one piece per variable, bit for bit, with weight decay and a
+    non-contiguous gradient."""
+    from keras_soma import _torch_step
+
+    calls = count_torch_steps(monkeypatch)
+    arguments = dict(arguments)
+    cls = arguments.pop("cls")
+    rng = np.random.default_rng(0)
+    shapes = [(5, 4), (4,), (3, 2, 4)]
+    initial = [rng.standard_normal(shape).astype("float32") for shape in shapes]
+    gradients = [[random_gradient(rng, shape) for shape in shapes] for _ in range(3)]
+    results = {}
+    whole = _torch_step.CHUNK
+    for chunk in (whole, 7):
+        monkeypatch.setattr(_torch_step, "CHUNK", chunk)
+        variables = [keras.Variable(value) for value in initial]
+        optimizer = cls(learning_rate=0.01, weight_decay=0.1, **arguments)
+        for step in gradients:
+            tensors = [keras.ops.convert_to_tensor(g) for g in step]
+            # A transposed gradient: not contiguous, read through a copy.
+            tensors[0] = keras.ops.convert_to_tensor(step[0].T.copy()).T
+            assert not tensors[0].is_contiguous()
+            optimizer.apply(tensors, variables)
+        results[chunk] = [to_numpy(v) for v in [*variables, *optimizer.variables]]
+    assert len(calls) == 6
+    assert max(len(shape) and np.prod(shape) for shape in shapes) > 3 * 7
+    for in_one, in_pieces in zip(results[whole], results[7]):
+        np.testing.assert_array_equal(in_one, in_pieces)
+    # The run moved the weights: a step that did nothing would pass above.
+    assert not np.array_equal(results[7][0], initial[0])
+
+
 # ---------------------------------------------------------------------------
 # float8 training
 # ---------------------------------------------------------------------------
