@@ -304,6 +304,60 @@ def op_determinism():
         config.disable_op_determinism()
 
 
+def regression_data(samples=64, features=8, outputs=4, seed=0):
+    rng = np.random.default_rng(seed)
+    inputs = rng.standard_normal((samples, features)).astype("float32")
+    targets = np.tanh(inputs @ rng.standard_normal((features, outputs)))
+    return inputs, targets.astype("float32")
+
+
+# The model of the keras.distribution tests (JAX) and, for ModelParallel,
+# (layer-name regex, sharding of its kernel / bias): a column-sharded
+# matrix, a row-sharded one, a rank-3 kernel sharded on its first axis,
+# sharded and replicated biases.
+MODEL_PARALLEL_LAYOUTS = {
+    ".*dense_a/kernel": (None, "model"),
+    ".*dense_a/bias": ("model",),
+    ".*einsum/kernel": ("model", None, None),
+    ".*dense_b/kernel": ("model", None),
+}
+
+
+def jax_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="tanh", name="dense_a"),
+            keras.layers.EinsumDense(
+                "ab,bcd->acd", output_shape=(2, 8), bias_axes="d", name="einsum"
+            ),
+            keras.layers.Flatten(),
+            keras.layers.Dense(4, name="dense_b"),
+        ]
+    )
+
+
+def distribution_over(kind, devices, batch_groups, auto_shard_dataset=True):
+    """`DataParallel` over `devices` (kind "data_parallel"), or
+    `ModelParallel` (kind "model_parallel") over a mesh of `batch_groups`
+    x (the rest) devices, axes "batch" and "model", with
+    `MODEL_PARALLEL_LAYOUTS`."""
+    # Passed only where asked for: Keras before 3.9 has no such argument.
+    sharding = {} if auto_shard_dataset else {"auto_shard_dataset": False}
+    if kind == "data_parallel":
+        return keras.distribution.DataParallel(devices=devices, **sharding)
+    mesh = keras.distribution.DeviceMesh(
+        (batch_groups, len(devices) // batch_groups), ["batch", "model"], devices
+    )
+    layout_map = keras.distribution.LayoutMap(mesh)
+    for pattern, axes in MODEL_PARALLEL_LAYOUTS.items():
+        layout_map[pattern] = axes
+    return keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name="batch", **sharding
+    )
+
+
 def free_local_ports(count: int) -> list[int]:
     """`count` distinct ports that were free on 127.0.0.1 a moment ago."""
     sockets = []

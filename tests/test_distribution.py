@@ -14,6 +14,10 @@ supports, for every optimizer in `registry.REGISTRY`:
   state tensor of its variable's shape has its variable's sharding, SM3's
   per-axis accumulators have the sharding of the axis they summarize, and
   training equals one device.
+* JAX, several processes: two processes of two host devices each
+  (`distributed_processes.py`, `keras.distribution.initialize` over
+  loopback, gloo) train every optimizer under DataParallel and under
+  ModelParallel on a 2 x 2 mesh as one device does.
 """
 
 from __future__ import annotations
@@ -26,7 +30,16 @@ import keras
 import numpy as np
 import pytest
 from conftest import LOGICAL_CPUS, requires_jax, requires_tensorflow
-from helpers import TOLERANCE, free_local_ports, run_processes, to_numpy
+from helpers import (
+    MODEL_PARALLEL_LAYOUTS,
+    TOLERANCE,
+    distribution_over,
+    free_local_ports,
+    jax_model,
+    regression_data,
+    run_processes,
+    to_numpy,
+)
 from registry import REGISTRY
 
 import keras_soma
@@ -68,13 +81,6 @@ def assert_values_close(actual, expected, message):
         atol=tolerance,
         err_msg=message,
     )
-
-
-def regression_data(samples=64, features=8, outputs=4, seed=0):
-    rng = np.random.default_rng(seed)
-    inputs = rng.standard_normal((samples, features)).astype("float32")
-    targets = np.tanh(inputs @ rng.standard_normal((features, outputs)))
-    return inputs, targets.astype("float32")
 
 
 # ---------------------------------------------------------------------------
@@ -484,15 +490,6 @@ def test_fit_with_jit_compile_keeps_xla_and_traces_the_update_once(spec):
 # JAX: keras.distribution over two host devices
 # ---------------------------------------------------------------------------
 
-# (layer-name regex, sharding of its kernel / bias) for ModelParallel: a
-# column-sharded matrix, a row-sharded one, a rank-3 kernel sharded on its
-# first axis, sharded and replicated biases.
-MODEL_PARALLEL_LAYOUTS = {
-    ".*dense_a/kernel": (None, "model"),
-    ".*dense_a/bias": ("model",),
-    ".*einsum/kernel": ("model", None, None),
-    ".*dense_b/kernel": ("model", None),
-}
 DISTRIBUTIONS = ["data_parallel", "model_parallel"]
 
 
@@ -502,31 +499,7 @@ def jax_distribution(kind):
     devices = keras.distribution.list_devices("cpu")
     if len(devices) < 2 or len(jax.devices()) < 2:
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=2")
-    devices = devices[:2]
-    if kind == "data_parallel":
-        return keras.distribution.DataParallel(devices=devices)
-    mesh = keras.distribution.DeviceMesh((1, 2), ["batch", "model"], devices)
-    layout_map = keras.distribution.LayoutMap(mesh)
-    for pattern, axes in MODEL_PARALLEL_LAYOUTS.items():
-        layout_map[pattern] = axes
-    return keras.distribution.ModelParallel(
-        layout_map=layout_map, batch_dim_name="batch"
-    )
-
-
-def jax_model():
-    keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((8,)),
-            keras.layers.Dense(16, activation="tanh", name="dense_a"),
-            keras.layers.EinsumDense(
-                "ab,bcd->acd", output_shape=(2, 8), bias_axes="d", name="einsum"
-            ),
-            keras.layers.Flatten(),
-            keras.layers.Dense(4, name="dense_b"),
-        ]
-    )
+    return distribution_over(kind, devices[:2], batch_groups=1)
 
 
 def sharding_of(variable):
@@ -664,3 +637,66 @@ def test_jax_polyak_averages_carry_their_weights_layout(kind):
         assert sharding_of(average).is_equivalent_to(
             sharding_of(weight), len(weight.shape)
         ), (weight.path, sharding_of(average), sharding_of(weight))
+
+
+MULTI_PROCESS_TIMEOUT_SECONDS = 480
+
+
+@pytest.mark.slow
+@requires_jax
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="gloo CPU collectives (Linux)"
+)
+def test_two_processes_equal_one_device(tmp_path):
+    """Every optimizer (defaults, its registry config case, int8 momenta)
+    trained by 2 processes x 2 host devices (`keras.distribution
+    .initialize` over loopback, gloo), under DataParallel and under
+    ModelParallel on a 2 x 2 mesh, ends with the weights and optimizer
+    variables of one device trained on the same global batches: both
+    processes hold the same values."""
+    import json
+
+    import distributed_processes as worker
+
+    (port,) = free_local_ports(1)
+    output = str(tmp_path / "processes.npz")
+    environment = {**os.environ, "PYTHONPATH": REPOSITORY}
+    environment.pop("XLA_FLAGS", None)
+    script = os.path.join(TESTS_DIRECTORY, "distributed_processes.py")
+    run_processes(
+        [[sys.executable, script, str(index), str(port), output] for index in range(2)],
+        environment,
+        [tmp_path / f"process_{index}.log" for index in range(2)],
+        MULTI_PROCESS_TIMEOUT_SECONDS,
+    )
+    result = np.load(output)
+    other = np.load(output + ".process1.npz")
+    dtypes = json.loads(str(result["dtypes"]))
+    inputs, targets = regression_data(outputs=4)
+    checked = 0
+    for case_name, cls, arguments in worker.cases():
+        model = jax_model()
+        model.compile(optimizer=cls(**arguments), loss="mse")
+        model.fit(
+            inputs,
+            targets,
+            batch_size=worker.GLOBAL_BATCH,
+            epochs=worker.EPOCHS,
+            shuffle=False,
+            verbose=0,
+        )
+        single = {
+            "weight": [to_numpy(v) for v in model.trainable_variables],
+            "state": [to_numpy(v) for v in model.optimizer.variables],
+        }
+        for kind in worker.KINDS:
+            for group, values in single.items():
+                for number, expected in enumerate(values):
+                    name = f"{worker.key(case_name, kind)}/{group}/{number}"
+                    assert dtypes[name] == str(expected.dtype), name
+                    actual = result[name].astype(expected.dtype)
+                    assert_values_close(actual, expected, name)
+                    np.testing.assert_array_equal(other[name], result[name], name)
+                    checked += 1
+    # Nothing left unchecked: as many arrays as the processes wrote.
+    assert checked == len(dtypes) == len(result.files) - 1
