@@ -77,6 +77,9 @@ TARGETS = {
         Target("GradSign", "Soma", 0.7),
         Target("SM3 momentum=0", "Keras Adagrad", 0.7),
         Target("SM3 momentum=0.9", "Keras Adagrad", 1.0),
+        # The 8-bit state issue's: blockwise int8 costs little time.
+        Target("Soma int8 state", "Soma", 1.3),
+        Target("Soma int8 state", None, 1.3),
     ],
     "jax": [
         Target("Soma", None, 1.25),
@@ -116,12 +119,17 @@ def optimizer_cases():
     cases = [
         ("Soma", lambda: keras_soma.Soma()),
         ("Soma bf16 state", lambda: keras_soma.Soma(momentum_dtype="bfloat16")),
+        ("Soma int8 state", lambda: keras_soma.Soma(momentum_dtype="int8")),
         ("GradSign", lambda: keras_soma.GradSign()),
     ]
     if hasattr(keras_soma, "SM3"):
         cases += [
             ("SM3 momentum=0", lambda: keras_soma.SM3(momentum=0.0)),
             ("SM3 momentum=0.9", lambda: keras_soma.SM3(momentum=0.9)),
+            (
+                "SM3 momentum=0.9 int8",
+                lambda: keras_soma.SM3(momentum=0.9, momentum_dtype="int8"),
+            ),
             # The whole-tensor form, for comparison with the row-blocked
             # update SM3 uses on CPU (see the SM3 docs page).
             (

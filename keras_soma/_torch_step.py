@@ -190,10 +190,12 @@ def sm3(
     accumulators are the maxima less `epsilon` (the same numbers but for
     rounding where `nu` is within a few units of `epsilon`). The clip of
     the update to its bound, a no-op but for rounding where nothing
-    saturated, is left out. A variable whose `nu` is not finite anywhere
-    (a saturated sum, or a NaN gradient) is left to the exact update.
+    saturated, is left out. A rank >= 2 variable is stepped a block of
+    rows at a time (`_sm3_rows`), so that its `nu` is never whole. A
+    variable whose `nu` might not be finite (a NaN gradient, a square
+    near float32's largest value, saturated accumulators: `_nu_is_finite`)
+    is left to the exact update.
     """
-    rate = float(learning_rate)
     scale = 1.0 if beta_2 == 1.0 else 1.0 - beta_2
     bound = _sm3_math.update_bound(beta_2)
     scratch = Scratch()
@@ -201,42 +203,114 @@ def sm3(
     for index, (value, gradient, slots, momentum_value, decay_rate) in enumerate(
         zip(values, gradients, accumulators, momenta, decay_rates)
     ):
-        rank = gradient.dim()
-        if rank >= 2:
-            nu = _cover(slots, rank, beta_2, epsilon, scratch.like(gradient))
-            nu.addcmul_(gradient, gradient, value=scale)
-            maxima = [
-                torch.amax(
-                    nu, dim=tuple(other for other in range(rank) if other != axis)
-                )
-                for axis in range(rank)
-            ]
-            if not bool(torch.isfinite(maxima[0]).all()):
+        if gradient.dim() >= 2:
+            if not _nu_is_finite(gradient, slots, beta_2, epsilon, scale):
                 left.append(index)
                 continue
-            for slot, maximum in zip(slots, maxima):
-                slot.copy_(maximum.sub_(epsilon).clamp_max_(FLOAT32_MAX))
-            update = nu.sqrt_()  # sqrt(nu + epsilon); divided into g below
             decay(value, decay_rate)
-            if momentum_value is None:
-                value.addcdiv_(gradient, update, value=-rate)
-                continue
-            torch.div(gradient, update, out=update)
-        else:
-            (slot,) = slots
-            if beta_2 != 1.0:
-                slot.mul_(beta_2)
-            slot.addcmul_(gradient, gradient, value=scale).clamp_max_(FLOAT32_MAX)
-            update = torch.where(
-                slot > 0, gradient / torch.sqrt(slot + epsilon), 0.0
-            ).clamp_(-bound, bound)
-            decay(value, decay_rate)
+            _sm3_rows(
+                value,
+                gradient,
+                slots,
+                momentum_value,
+                learning_rate,
+                momentum,
+                beta_2,
+                epsilon,
+                scale,
+                scratch,
+            )
+            continue
+        (slot,) = slots
+        if beta_2 != 1.0:
+            slot.mul_(beta_2)
+        slot.addcmul_(gradient, gradient, value=scale).clamp_max_(FLOAT32_MAX)
+        update = torch.where(
+            slot > 0, gradient / torch.sqrt(slot + epsilon), 0.0
+        ).clamp_(-bound, bound)
+        decay(value, decay_rate)
         if momentum_value is None:
             value.addcmul_(update, learning_rate, value=-1)
         else:
             momentum_value.mul_(momentum).add_(update, alpha=1.0 - momentum)
             value.addcmul_(momentum_value, learning_rate, value=-1)
     return left
+
+
+def _nu_is_finite(gradient, slots, beta_2, epsilon, scale) -> bool:
+    """Whether `nu = beta_2 * min_r A_r + epsilon + scale * g * g` is
+    finite everywhere, with a margin, from the gradient's extremes and
+    each accumulator vector's maximum (no full-size temporary, one sync):
+    False also where it is finite but within a factor 4 of float32's
+    largest value, for a NaN gradient (NaN compares False) and for a
+    variable without elements."""
+    if gradient.numel() == 0:
+        return False
+    low, high = torch.aminmax(gradient)
+    largest = torch.maximum(low.abs(), high.abs()).double()
+    cover = torch.stack([torch.amax(slot) for slot in slots]).amin().double()
+    cover = cover * beta_2 + epsilon
+    limit = FLOAT32_MAX / 4
+    square = largest * largest
+    return bool((square < limit) & (scale * square + cover < limit))
+
+
+def _sm3_rows(
+    value,
+    gradient,
+    slots,
+    momentum_value,
+    learning_rate,
+    momentum,
+    beta_2,
+    epsilon,
+    scale,
+    scratch,
+) -> None:
+    """SM3's rank >= 2 step (`sm3`) over blocks of about `CHUNK` elements
+    along the first axis: a block's `nu` gives its rows' new first-axis
+    accumulators (written at once: no later block reads them) and running
+    maxima for the other axes (written after the last block, since every
+    block reads them); the variable and its momentum move block by block.
+    The numbers are those of one block: a maximum is exact."""
+    rank = gradient.dim()
+    rate = float(learning_rate)
+    rows = gradient.shape[0]
+    step_rows = max(1, CHUNK // max(1, gradient[0].numel()))
+    first, others = slots[0], slots[1:]
+    maxima = [None] * len(others)
+    for start in range(0, rows, step_rows):
+        end = min(rows, start + step_rows)
+        block = gradient[start:end]
+        nu = _cover(
+            [first[start:end], *others], rank, beta_2, epsilon, scratch.like(block)
+        )
+        nu.addcmul_(block, block, value=scale)
+        first[start:end].copy_(
+            torch.amax(nu, dim=tuple(range(1, rank)))
+            .sub_(epsilon)
+            .clamp_max_(FLOAT32_MAX)
+        )
+        for position in range(len(others)):
+            axis = position + 1
+            maximum = torch.amax(
+                nu, dim=tuple(other for other in range(rank) if other != axis)
+            )
+            if maxima[position] is None:
+                maxima[position] = maximum
+            else:
+                torch.maximum(maxima[position], maximum, out=maxima[position])
+        update = nu.sqrt_()  # sqrt(nu + epsilon); divided into g below
+        value_block = value[start:end]
+        if momentum_value is None:
+            value_block.addcdiv_(block, update, value=-rate)
+            continue
+        torch.div(block, update, out=update)
+        momentum_block = momentum_value[start:end]
+        momentum_block.mul_(momentum).add_(update, alpha=1.0 - momentum)
+        value_block.addcmul_(momentum_block, learning_rate, value=-1)
+    for slot, maximum in zip(others, maxima):
+        slot.copy_(maximum.sub_(epsilon).clamp_max_(FLOAT32_MAX))
 
 
 def _cover(slots, rank: int, beta_2: float, epsilon: float, out):

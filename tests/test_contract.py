@@ -815,16 +815,19 @@ def test_fused_true_under_torch_compile_is_the_compiled_step(spec, monkeypatch):
         dict(cls=keras_soma.Soma),
         dict(cls=keras_soma.Soma, momentum_dtype="bfloat16"),
         dict(cls=keras_soma.GradSign),
+        dict(cls=keras_soma.SM3),
+        dict(cls=keras_soma.SM3, momentum=0.0, beta_2=0.99),
     ],
-    ids=["soma", "soma-bfloat16", "gradsign"],
+    ids=["soma", "soma-bfloat16", "gradsign", "sm3", "sm3-momentum0-beta0.99"],
 )
 def test_multi_tensor_torch_step_in_chunks_equals_whole(arguments, monkeypatch):
     """The multi-tensor torch step makes its temporaries `CHUNK` elements
-    at a time, so that a table's step adds a chunk to the peak rather than
-    a table-sized copy: with chunks of 7 elements (variables of 20 and 24
-    elements in 3 and 4 pieces, a last piece short) the numbers are those
-    of one piece per variable, bit for bit, with weight decay and a
-    non-contiguous gradient."""
+    at a time (SM3: blocks of rows of about `CHUNK` elements), so that a
+    table's step adds a chunk to the peak rather than a table-sized copy:
+    with chunks of 7 elements (variables of 20 and 24 elements in 3 and 4
+    pieces, a last piece short; SM3's rows of 4 and 8 one or two at a
+    time) the numbers are those of one piece per variable, bit for bit,
+    with weight decay and a non-contiguous gradient."""
     from keras_soma import _torch_step
 
     calls = count_torch_steps(monkeypatch)
