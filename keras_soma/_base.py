@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_soma import _common, _fused, _quantize, _sparse
@@ -525,6 +526,17 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
             if reason is not None:
                 raise _fused.refusal(reason)
 
+    def save_own_variables(self, store):
+        """Saves the state, as Keras's optimizers do, also where a state
+        tensor spans several processes' devices (JAX): majority-vote Soma's
+        per-worker momenta, sharded along the data axis, are gathered from
+        every process first (`process_allgather`), which Keras's default
+        (`variable.numpy()`) refuses. Every process must save together, as
+        `model.save` and `BackupAndRestore` do under a multi-process
+        distribution."""
+        for index, variable in enumerate(self.variables):
+            store[str(index)] = _host_value(variable)
+
     def load_own_variables(self, store):
         """Loads saved state, refusing anything that does not fit.
 
@@ -572,6 +584,19 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         if self._offers_lazy_sparse_updates:
             config["lazy_sparse_updates"] = self.lazy_sparse_updates
         return config
+
+
+def _host_value(variable):
+    """`variable`'s value as a numpy array; on JAX gathered from every
+    process where its array spans devices of other processes."""
+    value = variable.value
+    if keras.backend.backend() == "jax" and not getattr(
+        value, "is_fully_addressable", True
+    ):
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return variable.numpy()
 
 
 def _check_accumulation(steps, lazy_sparse_updates) -> None:

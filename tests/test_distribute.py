@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -211,6 +212,91 @@ def test_two_processes_equal_one_process(vote_runs, tmp_path):
     for name in ("kernels", "biases", "kernel_momenta", "bias_momenta"):
         np.testing.assert_allclose(result[name], single[name], rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(other[name], result[name])
+
+
+RESUME_TIMEOUT_SECONDS = 200
+KILL_STEP = 6  # within the second epoch: the first epoch's backup is made
+
+
+def vote_resume_commands(port, directory, kill_step=None):
+    script = os.path.join(TESTS_DIRECTORY, "vote_resume_processes.py")
+    extra = [] if kill_step is None else [str(kill_step)]
+    return [
+        [sys.executable, script, str(index), str(port), str(directory), *extra]
+        for index in range(2)
+    ]
+
+
+@pytest.mark.slow
+@requires_jax
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="gloo CPU collectives (Linux)"
+)
+def test_kill_9_of_one_process_fails_the_other_and_a_restart_resumes_exactly(
+    tmp_path,
+):
+    """Two processes train majority-vote Soma with BackupAndRestore (one
+    folder per process, a backup per epoch). One is killed with SIGKILL in
+    the second epoch: the other is not left waiting on its collectives
+    but ends with an error on its own (JAX's distributed service notices
+    the missing peer), and writes nothing. Both restarted resume from the
+    first epoch's backup, train the 8 steps left, and end with the
+    weights and every worker's momentum of an uninterrupted run, bit for
+    bit."""
+    import vote_resume_processes as worker
+
+    environment = {**os.environ, "PYTHONPATH": REPOSITORY}
+    environment.pop("XLA_FLAGS", None)
+    reference, cut = tmp_path / "reference", tmp_path / "cut"
+    reference.mkdir()
+    cut.mkdir()
+    (port,) = free_local_ports(1)
+    run_processes(
+        vote_resume_commands(port, reference),
+        environment,
+        [reference / f"process_{index}.log" for index in range(2)],
+        RESUME_TIMEOUT_SECONDS,
+    )
+    (port,) = free_local_ports(1)
+    logs = [cut / f"cut_{index}.log" for index in range(2)]
+    processes = []
+    try:
+        for command, log_path in zip(vote_resume_commands(port, cut, KILL_STEP), logs):
+            with open(log_path, "w") as log:
+                processes.append(
+                    subprocess.Popen(
+                        command, env=environment, stdout=log, stderr=subprocess.STDOUT
+                    )
+                )
+        for process in processes:
+            process.wait(timeout=RESUME_TIMEOUT_SECONDS)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    survivor_log = logs[0].read_text()
+    assert processes[1].returncode == -signal.SIGKILL, logs[1].read_text()[-2000:]
+    assert processes[0].returncode != 0, survivor_log[-2000:]
+    # It ended on the peer's death, not on its own watchdog.
+    assert "Timeout (" not in survivor_log, survivor_log[-2000:]
+    assert not (cut / "final.npz").exists()
+    (port,) = free_local_ports(1)
+    run_processes(
+        vote_resume_commands(port, cut),
+        environment,
+        [cut / f"resume_{index}.log" for index in range(2)],
+        RESUME_TIMEOUT_SECONDS,
+    )
+    uninterrupted = np.load(reference / "final.npz")
+    resumed = np.load(cut / "final.npz")
+    total = worker.EPOCHS * worker.STEPS_PER_EPOCH
+    assert int(uninterrupted["steps_run"]) == total
+    assert int(resumed["steps_run"]) == total - worker.STEPS_PER_EPOCH
+    names = [name for name in uninterrupted.files if name != "steps_run"]
+    assert len(names) == 6, names  # kernel, bias; iterations, rate, 2 momenta
+    for name in names:
+        np.testing.assert_array_equal(resumed[name], uninterrupted[name], name)
 
 
 # ---------------------------------------------------------------------------
