@@ -17,7 +17,6 @@ process after `TIMEOUT_SECONDS` whatever it is doing (a peer gone).
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
 import sys
@@ -61,38 +60,19 @@ def key(case_name, kind):
 def main(argv=None):
     index, port, output = (argv or sys.argv[1:])[:3]
     index = int(index)
-    faulthandler.dump_traceback_later(TIMEOUT_SECONDS, exit=True)
-    tests = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, tests)
-    sys.path.insert(0, os.path.join(tests, "..", "benchmarks"))
-    from vote_traffic import host_device_flags
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from worker_setup import join_processes, local_part
 
-    os.environ["KERAS_BACKEND"] = "jax"
-    os.environ["XLA_FLAGS"] = host_device_flags(DEVICES_PER_PROCESS)
-    import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    join_processes(index, port, PROCESSES, DEVICES_PER_PROCESS, TIMEOUT_SECONDS)
     import keras
     import numpy as np
     from helpers import distribution_over, jax_model, regression_data
     from jax.experimental import multihost_utils
 
-    keras.distribution.initialize(
-        job_addresses=f"127.0.0.1:{port}",
-        num_processes=PROCESSES,
-        process_id=index,
-    )
     devices = keras.distribution.list_devices("cpu")
     assert len(devices) == PROCESSES * DEVICES_PER_PROCESS, devices
     inputs, targets = regression_data(outputs=4)
-    steps = len(inputs) // GLOBAL_BATCH
     local_batch = GLOBAL_BATCH // PROCESSES
-
-    def local_part(values):
-        # Keras makes each global batch of the processes' batches, in
-        # process order.
-        values = values.reshape(steps, PROCESSES, local_batch, -1)[:, index]
-        return values.reshape(steps * local_batch, -1)
 
     def gathered(variable):
         return np.asarray(multihost_utils.process_allgather(variable.value, tiled=True))
@@ -107,8 +87,8 @@ def main(argv=None):
                 model = jax_model()
                 model.compile(optimizer=cls(**arguments), loss="mse")
                 model.fit(
-                    local_part(inputs),
-                    local_part(targets),
+                    local_part(inputs, index, PROCESSES, local_batch),
+                    local_part(targets, index, PROCESSES, local_batch),
                     batch_size=local_batch,
                     epochs=EPOCHS,
                     shuffle=False,

@@ -12,7 +12,6 @@ process after `TIMEOUT_SECONDS` whatever it is doing.
 
 from __future__ import annotations
 
-import faulthandler
 import os
 import sys
 
@@ -26,26 +25,12 @@ TIMEOUT_SECONDS = 240
 def main(argv=None):
     index, port, output, case = (argv or sys.argv[1:])[:4]
     index = int(index)
-    # Dumps every thread's stack and exits if the run hangs (a peer gone).
-    faulthandler.dump_traceback_later(TIMEOUT_SECONDS, exit=True)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(
-        0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
-    )
-    from vote_traffic import host_device_flags
+    from worker_setup import join_processes
 
-    os.environ["XLA_FLAGS"] = host_device_flags(DEVICES_PER_PROCESS)
-    import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    import keras
+    join_processes(index, port, PROCESSES, DEVICES_PER_PROCESS, TIMEOUT_SECONDS)
     import majority_vote_run as run
 
-    keras.distribution.initialize(
-        job_addresses=f"127.0.0.1:{port}",
-        num_processes=PROCESSES,
-        process_id=index,
-    )
     arguments = run.parse_case(case)
     assert arguments["workers"] == PROCESSES * DEVICES_PER_PROCESS, case
     target = output if index == 0 else output + f".process{index}.npz"

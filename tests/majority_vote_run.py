@@ -101,14 +101,13 @@ def run_case(output, workers, exchange, weight_decay, nan_step, schedule, proces
     if process is not None:
         # Keras makes each global batch of the processes' batches, in
         # process order.
+        from worker_setup import local_part
+
         index, count = process
         batch_size = GLOBAL_BATCH // count
-
-        def part(values):
-            values = values.reshape(STEPS, count, batch_size, -1)[:, index]
-            return values.reshape(STEPS * batch_size, -1)
-
-        fed_inputs, fed_targets = part(inputs), part(targets)
+        fed_inputs, fed_targets = (
+            local_part(values, index, count, batch_size) for values in (inputs, targets)
+        )
     devices = keras.distribution.list_devices("cpu")[:workers]
     # Each process feeds its own part (below), already sharded.
     distribution = keras.distribution.DataParallel(

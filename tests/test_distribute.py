@@ -227,6 +227,18 @@ def vote_resume_commands(port, directory, kill_step=None):
     ]
 
 
+def run_vote_resume(directory, environment, log_name):
+    """Both processes of `vote_resume_processes.py` in `directory`, to the
+    end (asserting that both end with 0)."""
+    (port,) = free_local_ports(1)
+    run_processes(
+        vote_resume_commands(port, directory),
+        environment,
+        [directory / f"{log_name}_{index}.log" for index in range(2)],
+        RESUME_TIMEOUT_SECONDS,
+    )
+
+
 @pytest.mark.slow
 @requires_jax
 @pytest.mark.skipif(
@@ -250,13 +262,7 @@ def test_kill_9_of_one_process_fails_the_other_and_a_restart_resumes_exactly(
     reference, cut = tmp_path / "reference", tmp_path / "cut"
     reference.mkdir()
     cut.mkdir()
-    (port,) = free_local_ports(1)
-    run_processes(
-        vote_resume_commands(port, reference),
-        environment,
-        [reference / f"process_{index}.log" for index in range(2)],
-        RESUME_TIMEOUT_SECONDS,
-    )
+    run_vote_resume(reference, environment, "process")
     (port,) = free_local_ports(1)
     logs = [cut / f"cut_{index}.log" for index in range(2)]
     processes = []
@@ -281,13 +287,7 @@ def test_kill_9_of_one_process_fails_the_other_and_a_restart_resumes_exactly(
     # It ended on the peer's death, not on its own watchdog.
     assert "Timeout (" not in survivor_log, survivor_log[-2000:]
     assert not (cut / "final.npz").exists()
-    (port,) = free_local_ports(1)
-    run_processes(
-        vote_resume_commands(port, cut),
-        environment,
-        [cut / f"resume_{index}.log" for index in range(2)],
-        RESUME_TIMEOUT_SECONDS,
-    )
+    run_vote_resume(cut, environment, "resume")
     uninterrupted = np.load(reference / "final.npz")
     resumed = np.load(cut / "final.npz")
     total = worker.EPOCHS * worker.STEPS_PER_EPOCH

@@ -19,7 +19,6 @@ A watchdog ends the process after `TIMEOUT_SECONDS` whatever it is doing.
 
 from __future__ import annotations
 
-import faulthandler
 import os
 import signal
 import sys
@@ -37,17 +36,17 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     index, port, directory = int(argv[0]), argv[1], argv[2]
     kill_step = int(argv[3]) if len(argv) > 3 else None
-    faulthandler.dump_traceback_later(TIMEOUT_SECONDS, exit=True)
-    tests = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, tests)
-    sys.path.insert(0, os.path.join(tests, "..", "benchmarks"))
-    from vote_traffic import host_device_flags
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from worker_setup import join_processes, local_part
 
-    os.environ["KERAS_BACKEND"] = "jax"
-    os.environ["XLA_FLAGS"] = host_device_flags(DEVICES_PER_PROCESS)
-    import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    join_processes(
+        index,
+        port,
+        PROCESSES,
+        DEVICES_PER_PROCESS,
+        TIMEOUT_SECONDS,
+        heartbeat_seconds=HEARTBEAT_SECONDS,
+    )
     import keras
     import numpy as np
     from helpers import regression_data
@@ -55,23 +54,8 @@ def main(argv=None):
 
     import keras_soma
 
-    # What keras.distribution.initialize does, with a shorter heartbeat:
-    # the survivor of a dead peer learns of it after HEARTBEAT_SECONDS
-    # rather than JAX's default 100.
-    jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{port}",
-        num_processes=PROCESSES,
-        process_id=index,
-        heartbeat_timeout_seconds=HEARTBEAT_SECONDS,
-    )
     inputs, targets = regression_data(samples=GLOBAL_BATCH * STEPS_PER_EPOCH)
     local_batch = GLOBAL_BATCH // PROCESSES
-
-    def local_part(values):
-        # Keras makes each global batch of the processes' batches, in
-        # process order.
-        values = values.reshape(STEPS_PER_EPOCH, PROCESSES, local_batch, -1)
-        return values[:, index].reshape(STEPS_PER_EPOCH * local_batch, -1)
 
     class CountOrDie(keras.callbacks.Callback):
         """Counts the steps this run trains; SIGKILL to this process after
@@ -103,8 +87,8 @@ def main(argv=None):
         )
         keras_soma.distribute.majority_vote(model)
         model.fit(
-            local_part(inputs),
-            local_part(targets),
+            local_part(inputs, index, PROCESSES, local_batch),
+            local_part(targets, index, PROCESSES, local_batch),
             batch_size=local_batch,
             epochs=EPOCHS,
             shuffle=False,
