@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -198,7 +197,7 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
                 dtype="float32",
                 shape=(
                     _quantize.block_count(
-                        math.prod(int(size) for size in variable.shape), block_size
+                        _quantize.element_count(variable.shape), block_size
                     ),
                 ),
                 layout=None,

@@ -41,13 +41,14 @@ def block_count(size: int, block_size: int) -> int:
     return max(1, math.ceil(size / block_size))
 
 
-def _size(shape) -> int:
-    return int(math.prod(shape))
+def element_count(shape) -> int:
+    """How many elements a tensor of `shape` has."""
+    return int(math.prod(int(size) for size in shape))
 
 
 def _blocked(values, block_size: int, padding_value=0):
     """`values` flattened and padded to `[blocks, block_size]`."""
-    size = _size(values.shape)
+    size = element_count(values.shape)
     blocks = block_count(size, block_size)
     flat = ops.reshape(values, (size,))
     padding = blocks * block_size - size
@@ -60,7 +61,7 @@ def _blocked(values, block_size: int, padding_value=0):
 
 def _unblocked(blocked, shape):
     """The first `prod(shape)` elements of `blocked`, in `shape`."""
-    size = _size(shape)
+    size = element_count(shape)
     flat = ops.reshape(blocked, (-1,))
     if flat.shape[0] != size:
         flat = flat[:size]
