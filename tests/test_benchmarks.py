@@ -147,3 +147,50 @@ def test_slope_separates_per_parameter_bytes_from_constant_ones():
     table = "\n".join(peak_memory.largest_tables(sweep))
     assert "| Soma | 12.00 | 4.00 | +0.00 |" in table
     assert "| +57 |" in table  # (560 - 500) MB in MiB
+
+
+def test_jax_step_buffers_reads_xla_assignment(tmp_path):
+    """`jax_step_buffers.py` compiles Keras's JAX train step and reads
+    XLA's buffer sizes: the temporaries grow with the table by the dense
+    gradient (4 bytes / param, with SGD as with GradSign, whose int8
+    counter is updated in place)."""
+    if keras.backend.backend() != "jax":
+        pytest.skip("JAX backend only")
+    import jax_step_buffers
+
+    output = tmp_path / "buffers.md"
+    slopes = jax_step_buffers.main(
+        [
+            "--rows",
+            "2000",
+            "4000",
+            "--optimizers",
+            "sgd",
+            "gradsign",
+            "--output",
+            str(output),
+        ]
+    )
+    assert set(slopes) == {"sgd", "gradsign"}
+    for slope in slopes.values():
+        assert abs(slope - 4.0) < 0.05, slopes
+    text = output.read_text()
+    assert "| GradSign | 4,000 |" in text, text
+    assert (
+        "Produced by `KERAS_BACKEND=jax python benchmarks/jax_step_buffers.py" in text
+    )
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--rows", "1000"], "--rows must be at least 2 distinct integers >= 1"),
+        (["--rows", "1000", "0"], "received [1000, 0]"),
+    ],
+)
+def test_jax_step_buffers_bad_arguments_are_named(arguments, message, capsys):
+    import jax_step_buffers
+
+    with pytest.raises(SystemExit):
+        jax_step_buffers.parse_args(arguments)
+    assert message in capsys.readouterr().err
