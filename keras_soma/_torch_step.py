@@ -10,9 +10,9 @@ update is written once more with torch's in-place ops (`mul_`, `add_`,
 step makes a few passes over memory per variable. Soma's and GradSign's
 temporaries are made `CHUNK` elements at a time (`chunks`), in buffers
 reused from chunk to chunk (`Scratch`): a step of a 10 GB table adds 4 MB
-to the peak, not a table-sized copy. SM3's rank >= 2 step keeps one
-temporary of the variable's size (its `nu`, whose maxima run over every
-axis).
+to the peak, not a table-sized copy. SM3's rank >= 2 step goes a block of
+rows of about `CHUNK` elements at a time (`_sm3_rows`), its `nu` a block's
+size.
 
 The functions take torch tensors (the `.value` of Keras variables, which
 they update in place) and run under `torch.no_grad()` (the caller's). The
