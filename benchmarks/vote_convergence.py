@@ -1,10 +1,11 @@
-"""Accuracy of majority-vote Soma against single-device Soma, fashion-MNIST MLP.
+"""Accuracy of majority-vote Soma against single-device Soma, fashion-MNIST.
 
     KERAS_BACKEND=jax python benchmarks/vote_convergence.py [--workers 4]
-        [--epochs 3] [--seeds 0 1 2] [--batch-size 64]
+        [--epochs 3] [--seeds 0 1 2] [--batch-size 64] [--model mlp|cnn]
+        [--steps-per-epoch N]
 
-Trains the soma paper's MLP (Flatten-128-64-10) on fashion-MNIST (from
-TFDS_DATA_DIR) with `keras_soma.Soma()` at its defaults, once on one device
+Trains the soma paper's MLP (Flatten-128-64-10) or CNN on fashion-MNIST
+(from TFDS_DATA_DIR) with `keras_soma.Soma()` at its defaults, once on one device
 and once with `keras_soma.distribute.majority_vote` over WORKERS host
 devices (XLA_FLAGS is set here, before JAX starts), with the same global
 batch and the same initial weights and data order per seed, and prints a
@@ -16,11 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 WORKERS = 4
 EPOCHS = 3
 SEEDS = (0, 1, 2)
 BATCH_SIZE = 64
+MODELS = {"mlp": "MLP", "cnn": "CNN"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,10 +33,52 @@ def parse_arguments(argv=None):
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    return parser.parse_args(argv)
+    parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
+    parser.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=None,
+        help="train on this many batches per epoch (a short run); default: all",
+    )
+    arguments = parser.parse_args(argv)
+    for name in ("workers", "epochs", "batch_size"):
+        if getattr(arguments, name) < 1:
+            parser.error(
+                f"--{name.replace('_', '-')} must be an integer >= 1; "
+                f"received {getattr(arguments, name)}"
+            )
+    if arguments.workers < 2:
+        parser.error(
+            f"--workers must be at least 2 (a vote); received {arguments.workers}"
+        )
+    if arguments.batch_size % arguments.workers:
+        parser.error(
+            f"--batch-size must be a multiple of --workers ({arguments.workers}); "
+            f"received {arguments.batch_size}"
+        )
+    if arguments.steps_per_epoch is not None and arguments.steps_per_epoch < 1:
+        parser.error(
+            "--steps-per-epoch must be an integer >= 1; "
+            f"received {arguments.steps_per_epoch}"
+        )
+    return arguments
 
 
-def test_accuracy(workers, seed, epochs, batch_size):
+def command(arguments) -> str:
+    """The command line that reproduces a run with `arguments`."""
+    seeds = " ".join(str(seed) for seed in arguments.seeds)
+    line = (
+        "KERAS_BACKEND=jax python benchmarks/vote_convergence.py "
+        f"--workers {arguments.workers} --epochs {arguments.epochs} "
+        f"--seeds {seeds} --batch-size {arguments.batch_size} "
+        f"--model {arguments.model}"
+    )
+    if arguments.steps_per_epoch is not None:
+        line += f" --steps-per-epoch {arguments.steps_per_epoch}"
+    return line
+
+
+def test_accuracy(workers, seed, arguments):
     import keras
 
     sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -52,8 +97,10 @@ def test_accuracy(workers, seed, epochs, batch_size):
     try:
         keras.utils.set_random_seed(seed)
         # Built after seeding: every configuration sees the same batches.
-        train, test = common.load_fashion_mnist(batch_size, seed)
-        model = common.build_mlp()
+        train, test = common.load_fashion_mnist(
+            arguments.batch_size, seed, arguments.steps_per_epoch
+        )
+        model = {"mlp": common.build_mlp, "cnn": common.build_cnn}[arguments.model]()
         model.compile(
             optimizer=keras_soma.Soma(),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -61,7 +108,7 @@ def test_accuracy(workers, seed, epochs, batch_size):
         )
         if distribution is not None:
             keras_soma.distribute.majority_vote(model)
-        model.fit(train, epochs=epochs, verbose=0)
+        model.fit(train, epochs=arguments.epochs, verbose=0)
         return float(model.evaluate(test, verbose=0, return_dict=True)["accuracy"])
     finally:
         keras.distribution.set_distribution(None)
@@ -69,8 +116,6 @@ def test_accuracy(workers, seed, epochs, batch_size):
 
 def main(argv=None):
     arguments = parse_arguments(argv)
-    if arguments.batch_size % arguments.workers:
-        sys.exit("--batch-size must be a multiple of --workers")
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from vote_traffic import host_device_flags
 
@@ -80,13 +125,10 @@ def main(argv=None):
 
     if keras.backend.backend() != "jax":
         sys.exit("run with KERAS_BACKEND=jax")
-    seeds = " ".join(str(seed) for seed in arguments.seeds)
     print(
-        f"keras {keras.__version__}; fashion-MNIST MLP, Soma defaults, global "
-        f"batch {arguments.batch_size}, {arguments.epochs} epochs; command: "
-        f"KERAS_BACKEND=jax python benchmarks/vote_convergence.py --workers "
-        f"{arguments.workers} --epochs {arguments.epochs} --seeds {seeds} "
-        f"--batch-size {arguments.batch_size}\n"
+        f"keras {keras.__version__}; fashion-MNIST {MODELS[arguments.model]}, "
+        f"Soma defaults, global batch {arguments.batch_size}, "
+        f"{arguments.epochs} epochs; command: {command(arguments)}\n"
     )
     print(
         f"| seed | Soma, 1 device | majority vote, {arguments.workers} workers "
@@ -95,9 +137,13 @@ def main(argv=None):
     print("|---:|---:|---:|---:|")
     differences = []
     for seed in arguments.seeds:
-        single = test_accuracy(1, seed, arguments.epochs, arguments.batch_size)
-        vote = test_accuracy(
-            arguments.workers, seed, arguments.epochs, arguments.batch_size
+        started = time.perf_counter()
+        single = test_accuracy(1, seed, arguments)
+        vote = test_accuracy(arguments.workers, seed, arguments)
+        print(
+            f"seed {seed}: both runs took {time.perf_counter() - started:.0f} s",
+            file=sys.stderr,
+            flush=True,
         )
         differences.append(100 * (vote - single))
         print(

@@ -56,6 +56,10 @@ DISPLAY_NAMES = {
 }
 
 
+# The learning-rate schedules `train_and_evaluate` offers.
+SCHEDULES = ("constant", "cosine")
+
+
 def make_optimizer(name: str, learning_rate: float | None = None, **kwargs):
     """A fresh optimizer by name, at its defaults unless told otherwise."""
     if name not in OPTIMIZERS:
@@ -252,6 +256,7 @@ def train_and_evaluate(
     learning_rate: float | None = None,
     verbose: int = 2,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    schedule: str = "constant",
     **optimizer_kwargs,
 ) -> dict[str, object]:
     """Trains one model with one optimizer; returns its curve and figures.
@@ -272,10 +277,14 @@ def train_and_evaluate(
         verbose: Keras progress output (`model.fit(verbose=...)`).
             Defaults to `2`, one line per epoch.
         callbacks: More callbacks for `fit`. Defaults to none.
+        schedule: One of `SCHEDULES`: `"constant"` keeps the learning rate,
+            `"cosine"` decays it from its value to 0 over the run
+            (`keras.optimizers.schedules.CosineDecay` over every step of
+            every epoch). Defaults to `"constant"`.
         **optimizer_kwargs: More arguments of the optimizer's constructor.
 
     Returns:
-        A dict: the optimizer's display name, its learning rate, the final
+        A dict: the optimizer's display name, its (initial) learning rate, the final
         smoothed training loss, the test accuracy, the mean seconds per
         epoch (training plus the validation pass), the optimizer state
         bytes per parameter, the per-batch losses and the smoothed curve,
@@ -286,6 +295,24 @@ def train_and_evaluate(
         train = train()
     model = build_model()
     optimizer = make_optimizer(optimizer_name, learning_rate, **optimizer_kwargs)
+    initial_rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    if schedule == "cosine":
+        steps = epochs * int(train.cardinality())
+        if steps < 1:
+            raise ValueError(
+                "A cosine schedule needs a training set of known length; "
+                f"received one of cardinality {int(train.cardinality())}"
+            )
+        optimizer = make_optimizer(
+            optimizer_name,
+            keras.optimizers.schedules.CosineDecay(initial_rate, steps),
+            **optimizer_kwargs,
+        )
+    elif schedule != "constant":
+        raise ValueError(
+            f"Argument `schedule` must be one of {SCHEDULES}; "
+            f"received: schedule={schedule!r}"
+        )
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -306,7 +333,7 @@ def train_and_evaluate(
     smoothed = smooth(recorder.losses)
     return {
         "optimizer": DISPLAY_NAMES.get(optimizer_name, optimizer_name),
-        "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
+        "learning_rate": initial_rate,
         "final_smoothed_loss": float(smoothed[-1]),
         "test_accuracy": float(test_accuracy),
         "seconds_per_epoch": float(np.mean(recorder.epoch_seconds)),

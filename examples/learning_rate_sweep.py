@@ -39,6 +39,13 @@ def parse_args(argv=None):
         default=LEARNING_RATES,
         help=f"default: {' '.join(f'{rate:g}' for rate in LEARNING_RATES)}",
     )
+    parser.add_argument(
+        "--schedule",
+        choices=common.SCHEDULES,
+        default="constant",
+        help="constant, or cosine decay from each rate to 0 over the run "
+        "(the optimizer swept only; Adam stays at its default); default: constant",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the Adam row")
     common.add_common_arguments(parser, EPOCHS, BATCH_SIZE, SEED, OUTPUT_DIR)
     args = parser.parse_args(argv)
@@ -63,18 +70,30 @@ def main(argv=None):
             flush=True,
         )
         row = common.train_and_evaluate(
-            common.build_mlp, name, train, test, args.epochs, args.seed, rate
+            common.build_mlp,
+            name,
+            train,
+            test,
+            args.epochs,
+            args.seed,
+            rate,
+            # The Adam baseline (rate None) stays at its default, constant.
+            schedule=args.schedule if rate is not None else "constant",
         )
         row["run"] = f"{row['optimizer']} lr={row['learning_rate']:g}"
+        if rate is not None and args.schedule != "constant":
+            row["run"] += f" {args.schedule}"
         print(f"{row['run']}: test accuracy {row['test_accuracy']:.4f}", flush=True)
         rows.append(row)
     command = common.command_line("examples/learning_rate_sweep.py", argv)
     paths = common.write_outputs(
         rows,
         args.output_dir,
-        f"sweep_{args.optimizer}",
-        f"Learning-rate sweep, {common.DISPLAY_NAMES[args.optimizer]}, "
-        f"fashion-MNIST MLP, batch {args.batch_size}, "
+        f"sweep_{args.optimizer}"
+        + ("" if args.schedule == "constant" else f"_{args.schedule}"),
+        f"Learning-rate sweep, {common.DISPLAY_NAMES[args.optimizer]}"
+        + ("" if args.schedule == "constant" else f" ({args.schedule} schedule)")
+        + f", fashion-MNIST MLP, batch {args.batch_size}, "
         f"{common.epochs_text(args.epochs)}",
         command,
         label_key="run",

@@ -17,6 +17,8 @@ once).
 
     python examples/seed_repeats.py                              # Soma, Adam
     python examples/seed_repeats.py --optimizer soma adam sm3 --seeds 3
+    python examples/seed_repeats.py --optimizer gradsign --learning-rate 1e-3 \
+        --schedule cosine        # one rate and schedule for every optimizer
 """
 
 from __future__ import annotations
@@ -72,9 +74,25 @@ def parse_args(argv=None):
     parser.add_argument(
         "--model", default="mlp", choices=sorted(MODELS), help="default: mlp"
     )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="one learning rate for every optimizer listed; default: each "
+        "optimizer's own",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=common.SCHEDULES,
+        default="constant",
+        help="constant, or cosine decay to 0 over the run, for every "
+        "optimizer listed; default: constant",
+    )
     common.add_common_arguments(parser, EPOCHS, BATCH_SIZE, SEED, OUTPUT_DIR)
     args = parser.parse_args(argv)
     common.check_common_arguments(parser, args)
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        parser.error(f"--learning-rate must be > 0; received {args.learning_rate}")
     if args.seeds < 2:
         parser.error(
             "--seeds must be an integer >= 2 (a spread needs two runs); "
@@ -152,7 +170,14 @@ def main(argv=None):
 
         for name in args.optimizer:
             row = common.train_and_evaluate(
-                build_model, name, make_train, test, epochs=args.epochs, seed=seed
+                build_model,
+                name,
+                make_train,
+                test,
+                epochs=args.epochs,
+                seed=seed,
+                learning_rate=args.learning_rate,
+                schedule=args.schedule,
             )
             runs[name].append(row)
             print(
@@ -166,7 +191,14 @@ def main(argv=None):
         f"Fashion-MNIST {model_title}, batch {args.batch_size}, "
         f"{common.epochs_text(args.epochs)}, seeds {seeds[0]}-{seeds[-1]}"
     )
-    paths = common.output_paths(args.output_dir, f"seeds_{args.model}")
+    stem = f"seeds_{args.model}"
+    if args.learning_rate is not None:
+        title += f", learning rate {args.learning_rate:g}"
+        stem += f"_lr{args.learning_rate:g}"
+    if args.schedule != "constant":
+        title += f", {args.schedule} schedule"
+        stem += f"_{args.schedule}"
+    paths = common.output_paths(args.output_dir, stem)
     plot(summaries, paths["png"], title)
     common.write_tables(
         summaries,

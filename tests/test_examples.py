@@ -19,6 +19,7 @@ import importlib.util
 import math
 import os
 import socket
+import subprocess
 import sys
 
 import keras
@@ -431,6 +432,59 @@ def test_learning_rate_sweep_short(common, data_dir, tmp_path):
         assert float(row["state_bytes_per_parameter"]) == pytest.approx(expected_bytes)
 
 
+def test_cosine_schedule_decays_to_zero_over_the_run(common, data_dir):
+    """`schedule="cosine"` decays the rate from its value to 0 over every
+    step of the run; the row keeps the initial rate. An unknown schedule is
+    named."""
+    args = type(
+        "Args",
+        (),
+        dict(
+            batch_size=64,
+            seed=1,
+            steps_per_epoch=4,
+            data_dir=data_dir,
+            manual_dir=None,
+        ),
+    )
+    make_train, test = common.load_data(args)
+    rates = []
+
+    class RateRecorder(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            rates.append(float(self.model.optimizer.learning_rate))
+
+    row = common.train_and_evaluate(
+        common.build_mlp,
+        "gradsign",
+        make_train,
+        test.take(1),
+        epochs=2,
+        seed=args.seed,
+        learning_rate=1e-3,
+        verbose=0,
+        callbacks=[RateRecorder()],
+        schedule="cosine",
+    )
+    assert row["learning_rate"] == pytest.approx(1e-3)
+    # 2 epochs of 4 steps: step t uses 1e-3 * (1 + cos(pi * t / 8)) / 2.
+    expected = [5e-4 * (1 + math.cos(math.pi * step / 8)) for step in range(8)]
+    assert rates == pytest.approx(expected, rel=1e-5)
+    optimizer = row["model"].optimizer
+    assert float(optimizer.learning_rate) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="`schedule` must be one of"):
+        common.train_and_evaluate(
+            common.build_mlp,
+            "sgd",
+            make_train,
+            test.take(1),
+            epochs=1,
+            seed=args.seed,
+            verbose=0,
+            schedule="linear",
+        )
+
+
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
     reason="the language model's short mode is slow off TensorFlow: on a "
@@ -589,6 +643,16 @@ def test_shakespeare_lm_vocabulary_covers_held_out_text(common):
             "--seeds must be an integer >= 2 (a spread needs two runs); received 1",
         ),
         (
+            "seed_repeats",
+            ["--learning-rate", "0"],
+            "--learning-rate must be > 0; received 0.0",
+        ),
+        (
+            "learning_rate_sweep",
+            ["--optimizer", "gradsign", "--schedule", "linear"],
+            "argument --schedule: invalid choice: 'linear'",
+        ),
+        (
             "shakespeare_lm",
             ["--optimizer", "adamw", "--optimizer", "adamx"],
             "argument --optimizer: invalid choice: 'adamx'",
@@ -614,4 +678,71 @@ def test_bad_arguments_are_named(common, example_name, arguments, message, capsy
     example = load_example(example_name)
     with pytest.raises(SystemExit):
         example.parse_args(arguments)
+    assert message in capsys.readouterr().err
+
+
+def load_benchmark(name: str):
+    """Imports `benchmarks/<name>.py` as a module."""
+    path = os.path.join(REPOSITORY, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vote_convergence_short(common, data_dir):
+    """benchmarks/vote_convergence.py, short: per seed one single-device
+    and one majority-vote run of the CNN; the table's differences are the
+    vote's accuracy minus the single device's, and the mean is theirs."""
+    if keras.backend.backend() != "jax":
+        pytest.skip("JAX backend only: the majority vote runs under JAX")
+    # In the order of the command line the benchmark prints.
+    arguments = ["--workers", "2", "--epochs", "1", "--seeds", "0", "1"]
+    arguments += ["--batch-size", "64", "--model", "cnn", "--steps-per-epoch", "8"]
+    completed = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPOSITORY, "benchmarks", "vote_convergence.py"),
+            *arguments,
+        ],
+        env={**os.environ, "KERAS_BACKEND": "jax", "TFDS_DATA_DIR": data_dir},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    output = completed.stdout
+    assert "fashion-MNIST CNN" in output
+    assert "python benchmarks/vote_convergence.py " + " ".join(arguments) in output
+    rows = {}
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0] in ("0", "1", "mean"):
+            rows[cells[0]] = cells
+    assert set(rows) == {"0", "1", "mean"}, output
+    differences = []
+    for seed in ("0", "1"):
+        single, vote, difference = (float(cell) for cell in rows[seed][1:])
+        assert 0 < single <= 100 and 0 < vote <= 100, rows[seed]
+        assert abs(difference - (vote - single)) <= 0.011, rows[seed]
+        differences.append(difference)
+    assert abs(float(rows["mean"][3]) - sum(differences) / 2) <= 0.011, rows
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--workers", "1"], "--workers must be at least 2 (a vote); received 1"),
+        (
+            ["--workers", "4", "--batch-size", "30"],
+            "--batch-size must be a multiple of --workers (4); received 30",
+        ),
+        (["--steps-per-epoch", "0"], "--steps-per-epoch must be an integer >= 1"),
+        (["--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
+    ],
+)
+def test_vote_convergence_bad_arguments_are_named(arguments, message, capsys):
+    benchmark = load_benchmark("vote_convergence")
+    with pytest.raises(SystemExit):
+        benchmark.parse_arguments(arguments)
     assert message in capsys.readouterr().err
