@@ -746,3 +746,49 @@ def test_vote_convergence_bad_arguments_are_named(arguments, message, capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_arguments(arguments)
     assert message in capsys.readouterr().err
+
+
+def test_gradsign_gap_short(common, data_dir, tmp_path):
+    """benchmarks/gradsign_gap.py, short: one row per variant in order,
+    each with its learning rate and schedule; the float sign average's one
+    step is `a = (1 - beta) * sign(g)`, `theta - learning_rate * a`."""
+    import numpy as np
+
+    benchmark = load_benchmark("gradsign_gap")
+    rows = benchmark.main(
+        [
+            "--variant",
+            "gradsign-cosine",
+            "sign-average-8",
+            "soma-8",
+            *SHORT_RUN,
+            "--data-dir",
+            data_dir,
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    assert [row["run"] for row in rows] == [
+        "GradSign, cosine",
+        "float sign average, beta 0.875",
+        "Soma, momentum 0.875",
+    ]
+    assert [row["schedule"] for row in rows] == ["cosine", "cosine", "constant"]
+    assert [row["learning_rate"] for row in rows] == pytest.approx(
+        [benchmark.COSINE_RATE, benchmark.COSINE_RATE, 2e-4]
+    )
+    for row in rows:
+        assert 0.0 < row["mean_test_accuracy"] <= 1.0, row
+    # The study's optimizer does not stay among the examples' ones.
+    assert "study" not in common.OPTIMIZERS
+    text = (tmp_path / "gradsign_gap.md").read_text()
+    assert "Produced by `python benchmarks/gradsign_gap.py --variant" in text
+
+    variable = keras.Variable(np.array([1.0, -2.0, 3.0, 0.5], "float32"))
+    gradient = np.array([0.3, -0.1, 0.0, -4.0], "float32")
+    optimizer = benchmark.SignAverage(learning_rate=0.01, beta=0.875)
+    optimizer.apply([keras.ops.convert_to_tensor(gradient)], [variable])
+    expected = np.array([1.0, -2.0, 3.0, 0.5]) - 0.01 * 0.125 * np.sign(gradient)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(variable), expected, rtol=1e-6
+    )
