@@ -127,6 +127,12 @@ OPTIMIZERS = {
         {"learning_rate": 2e-4, "weight_decay": 0.5, "momentum_dtype": "bfloat16"},
         False,
     ),
+    "soma-int8": (
+        "Soma (int8 momentum)",
+        keras_soma.Soma,
+        {"learning_rate": 2e-4, "weight_decay": 0.5, "momentum_dtype": "int8"},
+        False,
+    ),
     "gradsign": ("GradSign", keras_soma.GradSign, {}, False),
     "sm3": ("SM3 (momentum 0.9)", keras_soma.SM3, {}, True),
     "sm3-m0": ("SM3 (momentum 0)", keras_soma.SM3, {"momentum": 0.0}, True),
