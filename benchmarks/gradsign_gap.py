@@ -170,12 +170,7 @@ def parse_args(argv=None):
         choices=list(VARIANTS),
         help="default: all, in this order",
     )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=SEEDS,
-        help=f"how many seeds, --seed, --seed + 1, ...; default: {SEEDS}",
-    )
+    common.add_seeds_argument(parser, SEEDS)
     common.add_common_arguments(
         parser,
         common.COMPARISON_EPOCHS,
@@ -196,22 +191,14 @@ def train_variants(args, seeds, runs) -> None:
     for seed in seeds:
         # Built per run after seeding (see `load_data`): every variant sees
         # the same batches in the same order.
-        load = functools.partial(
-            common.load_fashion_mnist,
-            args.batch_size,
-            seed,
-            args.steps_per_epoch,
-            data_dir=args.data_dir,
-            manual_dir=args.manual_dir,
-        )
-        test = load()[1]
+        make_train, test = common.load_data(args, seed)
         for name in args.variant:
             description, _, _, constructor, rate, schedule = VARIANTS[name]
             common.OPTIMIZERS["study"] = constructor
             row = common.train_and_evaluate(
                 common.build_mlp,
                 "study",
-                lambda load=load: load()[0],
+                make_train,
                 test,
                 args.epochs,
                 seed,

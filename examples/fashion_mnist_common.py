@@ -424,6 +424,17 @@ def add_common_arguments(
     )
 
 
+def add_seeds_argument(parser: argparse.ArgumentParser, default: int) -> None:
+    """Adds `--seeds`, how many seeds a multi-seed run takes from
+    `--seed` on."""
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=default,
+        help=f"how many seeds, --seed, --seed + 1, ...; default: {default}",
+    )
+
+
 def check_common_arguments(parser: argparse.ArgumentParser, args) -> None:
     """Rejects out-of-range values of the common arguments with a message
     naming the argument, the valid range and the value received."""
@@ -447,15 +458,16 @@ def check_common_arguments(parser: argparse.ArgumentParser, args) -> None:
         )
 
 
-def load_data(args):
+def load_data(args, seed: int | None = None):
     """`(make_train, test)`: `make_train()` builds the training pipeline of
     `load_fashion_mnist` with the common arguments of `args`, anew on each
-    call (see `train_and_evaluate`); `test` is the test set."""
+    call (see `train_and_evaluate`); `test` is the test set. `seed`, when
+    given, replaces `args.seed` (one seed of a multi-seed run)."""
 
     load = functools.partial(
         load_fashion_mnist,
         args.batch_size,
-        args.seed,
+        args.seed if seed is None else seed,
         args.steps_per_epoch,
         data_dir=args.data_dir,
         manual_dir=args.manual_dir,

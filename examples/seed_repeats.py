@@ -24,7 +24,6 @@ once).
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -65,12 +64,7 @@ def parse_args(argv=None):
         help="optimizers, each at its defaults; default: "
         + " ".join(DEFAULT_OPTIMIZERS),
     )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=SEEDS,
-        help=f"how many seeds, --seed, --seed + 1, ...; default: {SEEDS}",
-    )
+    common.add_seeds_argument(parser, SEEDS)
     parser.add_argument(
         "--model", default="mlp", choices=sorted(MODELS), help="default: mlp"
     )
@@ -155,19 +149,7 @@ def main(argv=None):
         # The seed sets the training set's order as well as the weights;
         # each run builds its own pipeline (after seeding), so that every
         # optimizer sees the same batches in the same order.
-        load = functools.partial(
-            common.load_fashion_mnist,
-            args.batch_size,
-            seed,
-            args.steps_per_epoch,
-            data_dir=args.data_dir,
-            manual_dir=args.manual_dir,
-        )
-        test = load()[1]
-
-        def make_train(load=load):
-            return load()[0]
-
+        make_train, test = common.load_data(args, seed)
         for name in args.optimizer:
             row = common.train_and_evaluate(
                 build_model,
