@@ -13,6 +13,7 @@ download host cannot be reached, the tests are skipped with the reason.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import glob
 import importlib.util
@@ -107,6 +108,18 @@ def data_dir(common):
             f"and {DOWNLOAD_HOST} cannot be reached to download it"
         )
     return directory
+
+
+def data_args(data_dir: str, seed: int, steps_per_epoch: int):
+    """The common arguments `load_data` reads, for a short run on batches
+    of 64."""
+    return argparse.Namespace(
+        batch_size=64,
+        seed=seed,
+        steps_per_epoch=steps_per_epoch,
+        data_dir=data_dir,
+        manual_dir=None,
+    )
 
 
 def optimizer_key(common, optimizer_class) -> str:
@@ -357,17 +370,7 @@ def test_runs_in_one_process_see_the_same_batches(common, data_dir):
     `make_train` builds one per run, after seeding."""
     import numpy as np
 
-    args = type(
-        "Args",
-        (),
-        dict(
-            batch_size=64,
-            seed=3,
-            steps_per_epoch=3,
-            data_dir=data_dir,
-            manual_dir=None,
-        ),
-    )
+    args = data_args(data_dir, seed=3, steps_per_epoch=3)
 
     class LossRecorder(keras.callbacks.Callback):
         def __init__(self):
@@ -436,17 +439,7 @@ def test_cosine_schedule_decays_to_zero_over_the_run(common, data_dir):
     """`schedule="cosine"` decays the rate from its value to 0 over every
     step of the run; the row keeps the initial rate. An unknown schedule is
     named."""
-    args = type(
-        "Args",
-        (),
-        dict(
-            batch_size=64,
-            seed=1,
-            steps_per_epoch=4,
-            data_dir=data_dir,
-            manual_dir=None,
-        ),
-    )
+    args = data_args(data_dir, seed=1, steps_per_epoch=4)
     make_train, test = common.load_data(args)
     rates = []
 
