@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import keras
 from keras import ops
 
-from keras_soma import _common, _quantize, _sm3_blocked, _sm3_math, _sparse
+from keras_soma import _common, _fused, _quantize, _sm3_blocked, _sm3_math, _sparse
 from keras_soma._base import KerasSomaOptimizer, check_momentum_format
 
 VARIANTS = ("I", "II")
@@ -324,14 +325,24 @@ class SM3(KerasSomaOptimizer):
         update = self.update_rows_with if row_path else self.update_with
         update(step, variable, gradient, [*accumulators, *momentum_part], learning_rate)
 
+    def _torch_step_missing(self) -> str | None:
+        """Why the multi-tensor torch step (`_torch_step.sm3`) cannot make
+        this optimizer's update, or None where it can. It keeps the
+        momentum in place in its own dtype, float32 only (a float32
+        variable's `None`)."""
+        if self.variant != "II":
+            return f"variant={self.variant!r} (it takes variant 'II')"
+        if self.epsilon == 0:
+            return "epsilon=0 (it takes epsilon > 0)"
+        if self.momentum > 0 and self.momentum_dtype not in (None, "float32"):
+            return (
+                f"momentum_dtype={self.momentum_dtype!r} (it takes a float32 "
+                "momentum, or momentum=0)"
+            )
+        return None
+
     def _torch_update(self, grads, trainable_variables, learning_rate):
-        # The multi-tensor step keeps the momentum in place in its own
-        # dtype: float32 only (a float32 variable's `None`).
-        stored_apart = self.momentum > 0 and self.momentum_dtype not in (
-            None,
-            "float32",
-        )
-        if self.variant != "II" or self.epsilon == 0 or stored_apart:
+        if self._torch_step_missing() is not None:
             return super()._torch_update(grads, trainable_variables, learning_rate)
         from keras_soma import _torch_step
 
@@ -371,6 +382,14 @@ class SM3(KerasSomaOptimizer):
 
     def _check_requested_paths(self, in_update: bool) -> None:
         super()._check_requested_paths(in_update)
+        if self.fused is True and keras.backend.backend() == "torch":
+            missing = self._torch_step_missing()
+            if missing is not None:
+                raise _fused.refusal(
+                    "SM3's multi-tensor torch step does not take "
+                    f"{missing}; under torch.compile the `keras.ops` update "
+                    "is compiled with `fused=None` as well"
+                )
         if self.blocked:
             reason = _sm3_blocked.unavailable_reason(
                 self.variant, self.fused, in_update

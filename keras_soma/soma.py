@@ -366,8 +366,6 @@ class Soma(KerasSomaOptimizer):
         )
 
     def _torch_update(self, grads, trainable_variables, learning_rate):
-        if self.momentum_dtype not in ("float32", "bfloat16"):
-            return super()._torch_update(grads, trainable_variables, learning_rate)
         from keras_soma import _torch_step
 
         taken, rest = self._torch_split(
@@ -387,6 +385,19 @@ class Soma(KerasSomaOptimizer):
                 "ends": bool(self._window_ends),
                 "steps": self._folded_steps,
             }
+        if self.momentum_dtype == "int8":
+            _torch_step.soma_int8(
+                taken.values,
+                taken.gradients,
+                [self._momentums[index].value for index in taken.indices],
+                [self._momentum_scales[index].value for index in taken.indices],
+                taken.learning_rate,
+                self.momentum,
+                self.block_size,
+                taken.rates,
+                **window,
+            )
+            return rest
         _torch_step.soma(
             taken.values,
             taken.gradients,

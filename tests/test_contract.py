@@ -731,7 +731,7 @@ def count_torch_steps(monkeypatch):
     from keras_soma import _torch_step
 
     calls = []
-    for name in ("soma", "gradsign", "sm3"):
+    for name in ("soma", "soma_int8", "gradsign", "sm3"):
         original = getattr(_torch_step, name)
 
         def counted(*args, _original=original, _name=name, **kwargs):
@@ -755,16 +755,29 @@ def test_fused_takes_the_multi_tensor_torch_path_in_eager_mode(spec, monkeypatch
     shapes = [(5, 4), (4,), (), (3, 2, 4)]
     initial = [rng.standard_normal(shape).astype("float32") for shape in shapes]
     gradients = [[random_gradient(rng, shape) for shape in shapes] for _ in range(4)]
-    results, counts = {}, {}
-    for fused in (True, None, False):
+    # SM3 without a multi-tensor step for this row refuses `fused=True`
+    # (and runs op by op with `None`); every other row has one.
+    missing = getattr(spec.make(), "_torch_step_missing", lambda: None)()
+    if missing is not None:
         variables = [keras.Variable(value) for value in initial]
-        optimizer = spec.cls(learning_rate=0.01, weight_decay=0.1, fused=fused)
+        refused = spec.make(learning_rate=0.01, fused=True)
+        assert_refused_changing_nothing(
+            lambda: refused.build(variables), "fused", refused, variables
+        )
+    results, counts = {}, {}
+    for fused in (None, False) if missing else (True, None, False):
+        variables = [keras.Variable(value) for value in initial]
+        optimizer = spec.make(learning_rate=0.01, weight_decay=0.1, fused=fused)
         before = len(calls)
         for step in gradients:
             optimizer.apply([keras.ops.convert_to_tensor(g) for g in step], variables)
         counts[fused] = len(calls) - before
         results[fused] = [to_numpy(v) for v in [*variables, *optimizer.variables]]
-    assert counts == {True: 4, None: 4, False: 0}
+    if missing is not None:
+        assert counts == {None: 0, False: 0}
+        results[True] = results[None]
+    else:
+        assert counts == {True: 4, None: 4, False: 0}
     for with_true, with_none, with_false in zip(
         results[True], results[None], results[False]
     ):
@@ -784,6 +797,11 @@ def test_fused_true_under_torch_compile_is_the_compiled_step(spec, monkeypatch):
     refused: the `keras.ops` update is traced into the compiled step, which
     fuses it, rather than the multi-tensor update (whose checks of values
     would split the graph). The numbers are eager mode's."""
+    if getattr(spec.make(), "_torch_step_missing", lambda: None)() is not None:
+        pytest.skip(
+            "no multi-tensor torch step for this row: fused=True is refused "
+            "(test_fused_takes_the_multi_tensor_torch_path_in_eager_mode)"
+        )
     calls = count_torch_steps(monkeypatch)
     rng = np.random.default_rng(0)
     initial = rng.standard_normal((4, 3)).astype("float32")
@@ -791,7 +809,7 @@ def test_fused_true_under_torch_compile_is_the_compiled_step(spec, monkeypatch):
     results = {}
     for mode in ("compiled", "eager"):
         variable = keras.Variable(initial)
-        optimizer = spec.cls(learning_rate=0.01, fused=True)
+        optimizer = spec.make(learning_rate=0.01, fused=True)
         optimizer.build([variable])
         step = make_stepper(optimizer, [variable], mode)
         before = len(calls)
@@ -814,20 +832,32 @@ def test_fused_true_under_torch_compile_is_the_compiled_step(spec, monkeypatch):
     [
         dict(cls=keras_soma.Soma),
         dict(cls=keras_soma.Soma, momentum_dtype="bfloat16"),
+        dict(cls=keras_soma.Soma, momentum_dtype="int8", block_size=3),
+        dict(cls=keras_soma.Soma, momentum_dtype="int8", block_size=4),
         dict(cls=keras_soma.GradSign),
         dict(cls=keras_soma.SM3),
         dict(cls=keras_soma.SM3, momentum=0.0, beta_2=0.99),
     ],
-    ids=["soma", "soma-bfloat16", "gradsign", "sm3", "sm3-momentum0-beta0.99"],
+    ids=[
+        "soma",
+        "soma-bfloat16",
+        "soma-int8-block3",
+        "soma-int8-block4",
+        "gradsign",
+        "sm3",
+        "sm3-momentum0-beta0.99",
+    ],
 )
 def test_multi_tensor_torch_step_in_chunks_equals_whole(arguments, monkeypatch):
     """The multi-tensor torch step makes its temporaries `CHUNK` elements
-    at a time (SM3: blocks of rows of about `CHUNK` elements), so that a
-    table's step adds a chunk to the peak rather than a table-sized copy:
-    with chunks of 7 elements (variables of 20 and 24 elements in 3 and 4
-    pieces, a last piece short; SM3's rows of 4 and 8 one or two at a
-    time) the numbers are those of one piece per variable, bit for bit,
-    with weight decay and a non-contiguous gradient."""
+    at a time (SM3: blocks of rows of about `CHUNK` elements; int8 Soma:
+    whole blocks, as many as fit), so that a table's step adds a chunk to
+    the peak rather than a table-sized copy: with chunks of 7 elements
+    (variables of 20 and 24 elements in 3 and 4 pieces, a last piece
+    short; SM3's rows of 4 and 8 one or two at a time; int8 blocks of 3
+    two at a time, of 4 one at a time, a last block partial) the numbers
+    are those of one piece per variable, bit for bit, with weight decay
+    and a non-contiguous gradient."""
     from keras_soma import _torch_step
 
     calls = count_torch_steps(monkeypatch)

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from conftest import requires_torch
 from helpers import make_stepper, modes_for_backend, random_gradient, to_numpy
 
 import keras_soma
@@ -572,3 +573,40 @@ def test_unknown_momentum_dtype_names_the_valid_values():
     for valid in ("'float32'", "'bfloat16'", "'float16'", "'int8'"):
         assert valid in message
     assert "momentum_dtype='uint8'" in message
+
+
+@requires_torch
+@pytest.mark.parametrize("accumulation", [None, 2], ids=["plain", "accumulated"])
+def test_int8_torch_step_equals_op_by_op_with_non_finite_gradients(accumulation):
+    """The multi-tensor int8 step on PyTorch (`_torch_step.soma_int8`)
+    gives the op-by-op update's variables, codes and scales bit for bit,
+    with NaN, Inf and float32-extreme gradient elements, blocks of 4 over
+    35 elements (a partial last block), weight decay and folded gradient
+    accumulation: a NaN makes its parameter NaN at a step that moves it
+    (a window's last micro-step) and its average 0."""
+    rng = np.random.default_rng(0)
+    initial = rng.standard_normal((7, 5)).astype("float32")
+    gradients = [rng.standard_normal((7, 5)).astype("float32") for _ in range(3)]
+    gradients[1][2, 3] = np.nan
+    gradients[1][0, 0] = np.inf
+    gradients[2][4, 4] = -3e38
+    gradients[2][1, 1] = np.nan
+    results = {}
+    for fused in (None, False):
+        variable = keras.Variable(initial)
+        optimizer = keras_soma.Soma(
+            learning_rate=0.01,
+            momentum_dtype="int8",
+            block_size=4,
+            weight_decay=0.1,
+            fused=fused,
+            gradient_accumulation_steps=accumulation,
+        )
+        for gradient in gradients:
+            optimizer.apply([keras.ops.convert_to_tensor(gradient)], [variable])
+        results[fused] = [to_numpy(v) for v in [variable, *optimizer.variables]]
+    for multi_tensor, op_by_op in zip(results[None], results[False]):
+        np.testing.assert_array_equal(multi_tensor, op_by_op)
+    # Plain: both NaN elements move their parameters; accumulated: only
+    # the one at the first window's last micro-step.
+    assert np.isnan(results[None][0]).sum() == (2 if accumulation is None else 1)
