@@ -343,8 +343,10 @@ FUSED_ARG = """fused: Bool or `None`. `None` runs each variable's dense update a
             in-place and multi-tensor torch ops (under torch.compile the
             compiled step fuses them); elsewhere, and on JAX, op by op.
             `True` raises a ValueError where no fused update exists (at
-            build time on JAX, under tf.distribute or with op determinism;
-            at `apply` in eager TensorFlow). `False` always runs op by op.
+            build time on JAX, under tf.distribute or with op determinism,
+            and on PyTorch for an SM3 its multi-tensor step does not
+            take; at `apply` in eager TensorFlow). `False` always runs op
+            by op.
             The numbers are the same up to float rounding. Defaults to
             `None`."""
 
