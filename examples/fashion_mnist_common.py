@@ -290,10 +290,16 @@ def train_and_evaluate(
         bytes per parameter, the per-batch losses and the smoothed curve,
         and the trained `model`.
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(
+            f"Argument `schedule` must be one of {SCHEDULES}; "
+            f"received: schedule={schedule!r}"
+        )
     keras.utils.set_random_seed(seed)
     if callable(train):
         train = train()
     model = build_model()
+    # Made at its defaults first: a schedule starts from its default rate.
     optimizer = make_optimizer(optimizer_name, learning_rate, **optimizer_kwargs)
     initial_rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
     if schedule == "cosine":
@@ -307,11 +313,6 @@ def train_and_evaluate(
             optimizer_name,
             keras.optimizers.schedules.CosineDecay(initial_rate, steps),
             **optimizer_kwargs,
-        )
-    elif schedule != "constant":
-        raise ValueError(
-            f"Argument `schedule` must be one of {SCHEDULES}; "
-            f"received: schedule={schedule!r}"
         )
     model.compile(
         optimizer=optimizer,
@@ -433,6 +434,24 @@ def add_seeds_argument(parser: argparse.ArgumentParser, default: int) -> None:
         default=default,
         help=f"how many seeds, --seed, --seed + 1, ...; default: {default}",
     )
+
+
+def add_schedule_argument(parser: argparse.ArgumentParser, which: str) -> None:
+    """Adds `--schedule` (one of `SCHEDULES`) for the optimizers `which`
+    names in its help."""
+    parser.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="constant",
+        help=f"constant, or cosine decay to 0 over the run, for {which}; "
+        "default: constant",
+    )
+
+
+def schedule_suffix(schedule: str, separator: str = "_") -> str:
+    """What a run's file stem (`"_cosine"`) or label (`separator=" "`)
+    gets for `schedule`: nothing for the constant rate."""
+    return "" if schedule == "constant" else f"{separator}{schedule}"
 
 
 def check_common_arguments(parser: argparse.ArgumentParser, args) -> None:

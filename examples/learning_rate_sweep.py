@@ -39,12 +39,8 @@ def parse_args(argv=None):
         default=LEARNING_RATES,
         help=f"default: {' '.join(f'{rate:g}' for rate in LEARNING_RATES)}",
     )
-    parser.add_argument(
-        "--schedule",
-        choices=common.SCHEDULES,
-        default="constant",
-        help="constant, or cosine decay from each rate to 0 over the run "
-        "(the optimizer swept only; Adam stays at its default); default: constant",
+    common.add_schedule_argument(
+        parser, "the optimizer swept from each rate (Adam stays at its default)"
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the Adam row")
     common.add_common_arguments(parser, EPOCHS, BATCH_SIZE, SEED, OUTPUT_DIR)
@@ -81,16 +77,15 @@ def main(argv=None):
             schedule=args.schedule if rate is not None else "constant",
         )
         row["run"] = f"{row['optimizer']} lr={row['learning_rate']:g}"
-        if rate is not None and args.schedule != "constant":
-            row["run"] += f" {args.schedule}"
+        if rate is not None:
+            row["run"] += common.schedule_suffix(args.schedule, " ")
         print(f"{row['run']}: test accuracy {row['test_accuracy']:.4f}", flush=True)
         rows.append(row)
     command = common.command_line("examples/learning_rate_sweep.py", argv)
     paths = common.write_outputs(
         rows,
         args.output_dir,
-        f"sweep_{args.optimizer}"
-        + ("" if args.schedule == "constant" else f"_{args.schedule}"),
+        f"sweep_{args.optimizer}{common.schedule_suffix(args.schedule)}",
         f"Learning-rate sweep, {common.DISPLAY_NAMES[args.optimizer]}"
         + ("" if args.schedule == "constant" else f" ({args.schedule} schedule)")
         + f", fashion-MNIST MLP, batch {args.batch_size}, "

@@ -75,13 +75,7 @@ def parse_args(argv=None):
         help="one learning rate for every optimizer listed; default: each "
         "optimizer's own",
     )
-    parser.add_argument(
-        "--schedule",
-        choices=common.SCHEDULES,
-        default="constant",
-        help="constant, or cosine decay to 0 over the run, for every "
-        "optimizer listed; default: constant",
-    )
+    common.add_schedule_argument(parser, "every optimizer listed")
     common.add_common_arguments(parser, EPOCHS, BATCH_SIZE, SEED, OUTPUT_DIR)
     args = parser.parse_args(argv)
     common.check_common_arguments(parser, args)
@@ -179,7 +173,7 @@ def main(argv=None):
         stem += f"_lr{args.learning_rate:g}"
     if args.schedule != "constant":
         title += f", {args.schedule} schedule"
-        stem += f"_{args.schedule}"
+    stem += common.schedule_suffix(args.schedule)
     paths = common.output_paths(args.output_dir, stem)
     plot(summaries, paths["png"], title)
     common.write_tables(
