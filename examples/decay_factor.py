@@ -99,8 +99,7 @@ def main(argv=None):
         columns=COLUMNS,
         label_key="run",
     )
-    print("\n" + common.format_table(rows, COLUMNS))
-    print(f"\nWrote {paths['png']}, {paths['md']}, {paths['csv']}")
+    common.report(rows, paths, COLUMNS)
     return rows
 
 

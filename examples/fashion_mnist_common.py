@@ -592,6 +592,12 @@ def write_tables(
             writer.writerow([row[key] for key, _, _ in columns])
 
 
+def report(rows: Sequence[dict[str, object]], paths, columns=TABLE_COLUMNS) -> None:
+    """Prints `rows` as a table and the output files at a run's end."""
+    print("\n" + format_table(rows, columns))
+    print(f"\nWrote {paths['png']}, {paths['md']}, {paths['csv']}")
+
+
 def write_outputs(
     rows: Sequence[dict[str, object]],
     output_dir: str,
@@ -695,6 +701,5 @@ def run_comparison(
         f"{epochs_text(args.epochs)}",
         command_line(script, argv),
     )
-    print("\n" + format_table(rows))
-    print(f"\nWrote {paths['png']}, {paths['md']}, {paths['csv']}")
+    report(rows, paths)
     return rows

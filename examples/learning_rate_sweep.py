@@ -93,8 +93,7 @@ def main(argv=None):
         command,
         label_key="run",
     )
-    print("\n" + common.format_table(rows))
-    print(f"\nWrote {paths['png']}, {paths['md']}, {paths['csv']}")
+    common.report(rows, paths)
 
 
 if __name__ == "__main__":

@@ -183,8 +183,7 @@ def main(argv=None):
         common.command_line("examples/seed_repeats.py", argv),
         SUMMARY_COLUMNS,
     )
-    print("\n" + common.format_table(summaries, SUMMARY_COLUMNS))
-    print(f"\nWrote {paths['png']}, {paths['md']}, {paths['csv']}")
+    common.report(summaries, paths, SUMMARY_COLUMNS)
     return summaries
 
 

@@ -305,8 +305,7 @@ def main(argv=None):
         f"served SavedModel {rows[2]['test_accuracy']:.4f}"
     )
     print(summary)
-    print("\n" + common.format_table(rows, COLUMNS))
-    print(f"\nWrote {paths['png']}, {paths['md']}, {paths['csv']}")
+    common.report(rows, paths, COLUMNS)
     return rows
 
 
