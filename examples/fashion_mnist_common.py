@@ -299,7 +299,7 @@ def train_and_evaluate(
     if callable(train):
         train = train()
     model = build_model()
-    # Made at its defaults first: a schedule starts from its default rate.
+    # Made with a constant rate first: a schedule starts from that rate.
     optimizer = make_optimizer(optimizer_name, learning_rate, **optimizer_kwargs)
     initial_rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
     if schedule == "cosine":

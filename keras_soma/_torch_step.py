@@ -114,8 +114,8 @@ def soma(
     Passes per variable: the average is scaled and the gradient added in
     place (two), the sign is taken (one, into a chunk-sized temporary) and
     the variable moved by `learning_rate` times it (one). A bfloat16 or
-    float16 average is updated in a float32 temporary, chunk by chunk, and stored
-    once, saturating, as the reference rounds it.
+    float16 average is updated in a float32 temporary, chunk by chunk, and
+    stored once, saturating, as the reference rounds it.
     """
     scratch = Scratch()
     if average_bound is None:
@@ -183,8 +183,9 @@ def soma_int8(
 
     A NaN gradient element makes its average NaN, and the reference's
     variable NaN there; torch's sign is 0 for NaN, so NaN gradients are
-    found by one max per piece (NaN where an element is), in one sync,
-    and marked in the variables afterwards. The stored average, as the
+    found by one max per piece of a step that moves the variables (NaN
+    where an element is), in one sync, and marked in the variables
+    afterwards. The stored average, as the
     reference's, holds 0 there.
     """
     scratch = Scratch()
@@ -216,8 +217,9 @@ def soma_int8(
             average.add_(
                 torch.mul(gradient_flat[start:end], (1.0 - momentum) / steps, out=spare)
             )
-            peaks.append(torch.amax(spare))
             if ends:
+                # Only a step that moves the variable needs the NaN check.
+                peaks.append(torch.amax(spare))
                 sign = torch.sign(average, out=spare)
                 value_flat[start:end].addcmul_(sign, learning_rate, value=-1)
             # Requantize.
@@ -229,7 +231,7 @@ def soma_int8(
             blocked.div_(block_scales[:, None])
             magnitude.sqrt_().mul_(CODE_MAX).round_().copysign_(wide)
             code_flat[start:end].copy_(magnitude[:count])
-    if ends and peaks and bool(torch.isnan(torch.stack(peaks)).any()):
+    if peaks and bool(torch.isnan(torch.stack(peaks)).any()):
         for value, gradient in zip(values, gradients):
             value.masked_fill_(torch.isnan(gradient), float("nan"))
 

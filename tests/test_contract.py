@@ -742,6 +742,12 @@ def count_torch_steps(monkeypatch):
     return calls
 
 
+def torch_step_missing(spec) -> str | None:
+    """Why the row's optimizer has no multi-tensor torch step (SM3's
+    `_torch_step_missing`), or None where it has one."""
+    return getattr(spec.make(), "_torch_step_missing", lambda: None)()
+
+
 @requires_torch
 @pytest.mark.parametrize("spec", SPECS)
 def test_fused_takes_the_multi_tensor_torch_path_in_eager_mode(spec, monkeypatch):
@@ -757,7 +763,7 @@ def test_fused_takes_the_multi_tensor_torch_path_in_eager_mode(spec, monkeypatch
     gradients = [[random_gradient(rng, shape) for shape in shapes] for _ in range(4)]
     # SM3 without a multi-tensor step for this row refuses `fused=True`
     # (and runs op by op with `None`); every other row has one.
-    missing = getattr(spec.make(), "_torch_step_missing", lambda: None)()
+    missing = torch_step_missing(spec)
     if missing is not None:
         variables = [keras.Variable(value) for value in initial]
         refused = spec.make(learning_rate=0.01, fused=True)
@@ -797,7 +803,7 @@ def test_fused_true_under_torch_compile_is_the_compiled_step(spec, monkeypatch):
     refused: the `keras.ops` update is traced into the compiled step, which
     fuses it, rather than the multi-tensor update (whose checks of values
     would split the graph). The numbers are eager mode's."""
-    if getattr(spec.make(), "_torch_step_missing", lambda: None)() is not None:
+    if torch_step_missing(spec) is not None:
         pytest.skip(
             "no multi-tensor torch step for this row: fused=True is refused "
             "(test_fused_takes_the_multi_tensor_torch_path_in_eager_mode)"
