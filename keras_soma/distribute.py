@@ -181,6 +181,75 @@ def majority_vote(model, exchange: str = "packed"):
     # instance attribute takes the place of the class's method.
     model.train_step = step
     model.train_function = None
+    if all(device.platform == "cpu" for device in step.mesh.devices.flat):
+        wait_for_each_step(model)
+    return model
+
+
+def wait_for_each_step(model):
+    """Makes `model.fit` wait for each train step before it starts the next.
+
+    For `keras.distribution.DataParallel` (or `majority_vote`, which calls
+    this itself) over CPU host devices
+    (`XLA_FLAGS=--xla_force_host_platform_device_count=N`) on the JAX
+    backend. There, Keras's `fit` hands each step's logs to its callbacks on
+    another thread (unless a callback that is not `async_safe` overrides a
+    batch-end hook; with `verbose=0` or the progress bar alone it always
+    does), so it dispatches steps ahead of the devices, and after some
+    hundreds of steps XLA's in-process CPU collectives deadlock: three
+    devices wait in an all-reduce for a fourth whose step never starts, and
+    XLA aborts the process after its 40 s rendezvous timeout. Keras's own `DataParallel`
+    with Keras's Adam does it too (`benchmarks/host_device_deadlock.py`).
+    Waiting for each step's logs keeps one call of `train_function` (one
+    step, or `steps_per_execution` steps) in flight.
+
+    ```python
+    with keras.distribution.DataParallel().scope():
+        model = make_model()
+        model.compile(optimizer=keras_soma.Soma(), loss=...)
+    keras_soma.distribute.wait_for_each_step(model)
+    model.fit(...)
+    ```
+
+    It is meant for host devices, where the host and the devices share the
+    cores and the overlap it gives up is small; on accelerators it would
+    cost the overlap of dispatch and compute.
+
+    Args:
+        model: A Keras model on the JAX backend.
+
+    Returns:
+        The model, whose `make_train_function` now wraps Keras's train
+        function (the JAX trainer's `train_function(state, data) -> (logs,
+        state)`; tests/test_distribute.py fails if Keras stops building and
+        calling the step through these).
+    """
+    if keras.backend.backend() != "jax":
+        raise ValueError(
+            "wait_for_each_step is for the JAX backend (whose fit dispatches "
+            "steps ahead of the devices); received: backend="
+            f"{keras.backend.backend()!r}"
+        )
+    make = model.make_train_function
+
+    def make_train_function(force=False):
+        make(force)
+        function = model.train_function
+        if getattr(function, "waits_for_each_step", False):
+            return
+
+        def train_function(state, data):
+            import jax
+
+            logs, state = function(state, data)
+            jax.block_until_ready(logs)
+            return logs, state
+
+        train_function.waits_for_each_step = True
+        model.train_function = train_function
+
+    model.make_train_function = make_train_function
+    model.train_function = None
     return model
 
 

@@ -323,6 +323,11 @@ def test_other_backends_are_refused():
     model = compiled_model(keras_soma.Soma())
     with pytest.raises(ValueError, match="needs the JAX backend"):
         keras_soma.distribute.majority_vote(model)
+    with pytest.raises(ValueError, match="wait_for_each_step is for the JAX backend"):
+        keras_soma.distribute.wait_for_each_step(model)
+    # Refused before touching the model: Keras's own hooks stay.
+    assert "make_train_function" not in vars(model)
+    assert "train_step" not in vars(model)
 
 
 @requires_jax
@@ -424,3 +429,43 @@ def test_vote_traffic_from_the_compiled_step_is_a_sixteenth_of_float32():
     assert "all-to-all" in ratios["packed"][0] and "all-gather" in ratios["packed"][0]
     assert ratios["packed"][1] >= 16, ratios
     assert 3.5 <= ratios["int8"][1] <= 4.0 + 1e-9, ratios
+
+
+@pytest.mark.slow
+@requires_jax
+def test_fit_over_four_host_devices_waits_for_each_step_and_finishes():
+    """benchmarks/host_device_deadlock.py: 1000 steps of `fit(verbose=0)`
+    over 4 host devices deadlock XLA's CPU collectives when Keras
+    dispatches steps ahead (Keras's Adam under DataParallel does; see the
+    script). The vote, and Keras's Adam with `wait_for_each_step`, wait for
+    each step through the JAX trainer's `make_train_function` /
+    `train_function` and finish; if Keras stops building its step through
+    these hooks, "waited for each step" reads "no" and this fails."""
+    environment = {**os.environ, "PYTHONPATH": REPOSITORY, "KERAS_BACKEND": "jax"}
+    completed = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPOSITORY, "benchmarks", "host_device_deadlock.py"),
+            "--cases",
+            "vote",
+            "keras-adam-waiting",
+            "--timeout",
+            "300",
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_SECONDS,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    outcomes = {}
+    for line in completed.stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in ("vote", "keras-adam-waiting"):
+            outcomes[cells[0]] = cells[1]
+    assert set(outcomes) == {"vote", "keras-adam-waiting"}, completed.stdout
+    for case, outcome in outcomes.items():
+        assert outcome.startswith("finished: 1000 steps"), (case, outcome)
+        assert outcome.endswith("waited for each step: yes"), (case, outcome)
+        loss = float(outcome.split("loss ")[1].split(",")[0])
+        assert np.isfinite(loss), (case, outcome)
