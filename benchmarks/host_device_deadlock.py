@@ -1,7 +1,8 @@
 """Keras `fit` over CPU host devices: the deadlock, and waiting for each step.
 
     KERAS_BACKEND=jax python benchmarks/host_device_deadlock.py [--devices 4]
-        [--steps 1000] [--timeout 150] [--cases keras-adam ...]
+        [--steps 1000] [--timeout 150] [--rendezvous-timeout 40]
+        [--cases keras-adam ...]
         [--output docs/results/host_device_deadlock.md]
 
 Each case trains the fashion-MNIST MLP's shape (Flatten-128-64-10 on 28 x 28
@@ -16,9 +17,9 @@ it ended:
 * `vote`: `keras_soma.distribute.majority_vote` (which waits for each step
   on host devices).
 
-XLA's CPU collectives keep their default 40 s rendezvous timeout here, so a
-deadlock ends the process with XLA's "Termination timeout" message instead
-of hanging until TIMEOUT.
+XLA's CPU collectives keep their default 40 s rendezvous timeout unless
+told otherwise (`--rendezvous-timeout`), so a deadlock ends the process with
+XLA's "Termination timeout" message instead of hanging until TIMEOUT.
 """
 
 from __future__ import annotations
@@ -39,14 +40,22 @@ def parse_arguments(argv=None):
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds per case")
+    parser.add_argument(
+        "--rendezvous-timeout",
+        type=int,
+        default=40,
+        help="seconds XLA's CPU collectives wait for a late device before "
+        "they abort the process (XLA's default: 40); raise it on a loaded "
+        "machine",
+    )
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--output", default=None, help="also write a Markdown file")
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
-    for name in ("devices", "steps"):
-        if getattr(arguments, name) < (2 if name == "devices" else 1):
+    for name, least in (("devices", 2), ("steps", 1), ("rendezvous_timeout", 1)):
+        if getattr(arguments, name) < least:
             parser.error(
-                f"--{name} must be an integer >= {2 if name == 'devices' else 1}; "
+                f"--{name.replace('_', '-')} must be an integer >= {least}; "
                 f"received {getattr(arguments, name)}"
             )
     if arguments.timeout <= 0:
@@ -106,7 +115,12 @@ def run_case(case, arguments):
         "KERAS_BACKEND": "jax",
         "PYTHONPATH": ROOT,
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={arguments.devices}",
+        "XLA_FLAGS": (
+            f"--xla_force_host_platform_device_count={arguments.devices} "
+            "--xla_cpu_collective_call_terminate_timeout_seconds="
+            f"{arguments.rendezvous_timeout} "
+            f"--xla_cpu_collective_timeout_seconds={arguments.rendezvous_timeout}"
+        ),
     }
     command = [
         sys.executable,

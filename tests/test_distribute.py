@@ -451,6 +451,10 @@ def test_fit_over_four_host_devices_waits_for_each_step_and_finishes():
             "keras-adam-waiting",
             "--timeout",
             "300",
+            # A loaded machine can keep a device thread 40 s late (XLA's
+            # default); a deadlock then shows as no progress in 300 s.
+            "--rendezvous-timeout",
+            "1200",
         ],
         env=environment,
         capture_output=True,

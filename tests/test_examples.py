@@ -741,6 +741,26 @@ def test_vote_convergence_bad_arguments_are_named(arguments, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--devices", "1"], "--devices must be an integer >= 2; received 1"),
+        (["--steps", "0"], "--steps must be an integer >= 1; received 0"),
+        (
+            ["--rendezvous-timeout", "0"],
+            "--rendezvous-timeout must be an integer >= 1; received 0",
+        ),
+        (["--timeout", "-1"], "--timeout must be > 0; received -1.0"),
+        (["--cases", "lion"], "argument --cases: invalid choice: 'lion'"),
+    ],
+)
+def test_host_device_deadlock_bad_arguments_are_named(arguments, message, capsys):
+    benchmark = load_benchmark("host_device_deadlock")
+    with pytest.raises(SystemExit):
+        benchmark.parse_arguments(arguments)
+    assert message in capsys.readouterr().err
+
+
 def test_gradsign_gap_short(common, data_dir, tmp_path):
     """benchmarks/gradsign_gap.py, short: one row per variant in order,
     each with its learning rate and schedule; the float sign average's one
