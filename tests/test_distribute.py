@@ -27,7 +27,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import requires_jax
+from conftest import LOGICAL_CPUS, requires_jax, requires_tensorflow
 from helpers import free_local_ports, run_processes
 
 import keras_soma
@@ -473,3 +473,38 @@ def test_fit_over_four_host_devices_waits_for_each_step_and_finishes():
         assert outcome.endswith("waited for each step: yes"), (case, outcome)
         loss = float(outcome.split("loss ")[1].split(",")[0])
         assert np.isfinite(loss), (case, outcome)
+
+
+@requires_tensorflow
+def test_tensorflow_per_replica_momenta_cannot_be_read_for_a_checkpoint():
+    """What stands in the way of the vote under tf.distribute
+    (docs/scaling.md): per-worker momenta would be SyncOnRead variables
+    without aggregation, which each replica writes for itself, but which
+    TensorFlow cannot read outside a replica (as `.keras` saving,
+    `get_weights` and BackupAndRestore do). If this starts to pass without
+    the error, TensorFlow has changed: revisit the vote on TensorFlow."""
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy(
+        [f"/cpu:{index}" for index in range(LOGICAL_CPUS)],
+        cross_device_ops=tf.distribute.ReductionToOneDevice(),
+    )
+    with strategy.scope():
+        momentum = tf.Variable(
+            np.zeros(3, "float32"),
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=tf.VariableAggregation.NONE,
+        )
+
+    def step():
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        momentum.assign(tf.fill((3,), tf.cast(replica + 1, "float32")))
+
+    strategy.run(tf.function(step))
+    local = strategy.experimental_local_results(momentum)
+    np.testing.assert_array_equal(
+        np.stack([value.numpy() for value in local]),
+        np.repeat(np.arange(1, LOGICAL_CPUS + 1, dtype="float32")[:, None], 3, 1),
+    )
+    with pytest.raises(ValueError, match="VariableAggregation"):
+        momentum.numpy()
