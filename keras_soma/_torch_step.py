@@ -25,6 +25,8 @@ reduction and handled exactly.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from keras_soma import _quantize, _sm3_math
@@ -175,11 +177,9 @@ def soma_int8(
     A piece of whole blocks (about `CHUNK` elements) at a time: the piece
     is dequantized into a float32 temporary, updated there, the variable
     moved by its sign, and requantized with each block's new largest
-    magnitude, with the reference's rounding op for op, so that the codes
-    and scales are the reference's to the bit. `127 * sign(x) * sqrt(|x| /
-    scale)` is rounded as `copysign(round(127 * sqrt(|x| / scale)), x)`
-    (the same number: rounding to nearest even is symmetric), and the
-    clip to +-127 is left out (|x| <= scale bounds the code).
+    magnitude, with the reference's rounding op for op (`dequantize_into`,
+    `requantize`), so that the codes and scales are the reference's to the
+    bit.
 
     A NaN gradient element makes its average NaN, and the reference's
     variable NaN there; torch's sign is 0 for NaN, so NaN gradients are
@@ -206,12 +206,7 @@ def soma_int8(
             wide = scratch.flat(blocks * block_size, torch.float32, value.device, 0)
             other = scratch.flat(blocks * block_size, torch.float32, value.device, 1)
             average, spare = wide[:count], other[:count]
-            # Padding of the last, partial block: zero, as the reference's.
-            wide[count:].zero_()
-            # Dequantize: (c / 127) * |c / 127| * scale.
-            average.copy_(code_flat[start:end]).div_(CODE_MAX)
-            average.mul_(torch.abs(average, out=spare))
-            wide.view(blocks, block_size).mul_(block_scales[:, None])
+            dequantize_into(wide, code_flat[start:end], block_scales, other)
             if starts:
                 average.mul_(momentum)
             average.add_(
@@ -222,18 +217,44 @@ def soma_int8(
                 peaks.append(torch.amax(spare))
                 sign = torch.sign(average, out=spare)
                 value_flat[start:end].addcmul_(sign, learning_rate, value=-1)
-            # Requantize.
             average.nan_to_num_(nan=0.0, posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX)
-            magnitude = torch.abs(wide, out=other)
-            blocked = magnitude.view(blocks, block_size)
-            largest = torch.amax(blocked, dim=1)
-            block_scales.copy_(torch.where(largest > 0, largest, 1.0))
-            blocked.div_(block_scales[:, None])
-            magnitude.sqrt_().mul_(CODE_MAX).round_().copysign_(wide)
-            code_flat[start:end].copy_(magnitude[:count])
+            requantize(wide, code_flat[start:end], block_scales, other)
     if peaks and bool(torch.isnan(torch.stack(peaks)).any()):
         for value, gradient in zip(values, gradients):
             value.masked_fill_(torch.isnan(gradient), float("nan"))
+
+
+def dequantize_into(wide, codes, block_scales, spare) -> None:
+    """`wide[:n]` (float32, whole blocks) <- the values of the `n` int8
+    `codes` with their `block_scales`, `(c / 127) * |c / 127| * scale` (the
+    sqrt code) as the reference computes it; `wide[n:]`, the padding of a
+    partial last block, <- 0 as the reference pads. `spare` is a float32
+    temporary at least `n` long."""
+    count = codes.numel()
+    blocks = block_scales.numel()
+    values = wide[:count]
+    wide[count:].zero_()
+    values.copy_(codes).div_(CODE_MAX)
+    values.mul_(torch.abs(values, out=spare[:count]))
+    wide.view(blocks, -1).mul_(block_scales[:, None])
+
+
+def requantize(wide, codes, block_scales, spare) -> None:
+    """`codes` and `block_scales` <- the sqrt code of the finite float32
+    values in `wide` (whole blocks, zero past the codes), each block scaled
+    by its largest magnitude (1 for a block of zeros), rounded to nearest
+    with the reference's ops: `127 * sign(x) * sqrt(|x| / scale)` rounded
+    as `copysign(round(127 * sqrt(|x| / scale)), x)` (the same number:
+    rounding to nearest even is symmetric), and the clip to +-127 left out
+    (|x| <= scale bounds the code). `spare` is a float32 temporary of
+    `wide`'s size."""
+    magnitude = torch.abs(wide, out=spare)
+    blocked = magnitude.view(block_scales.numel(), -1)
+    largest = torch.amax(blocked, dim=1)
+    block_scales.copy_(torch.where(largest > 0, largest, 1.0))
+    blocked.div_(block_scales[:, None])
+    magnitude.sqrt_().mul_(CODE_MAX).round_().copysign_(wide)
+    codes.copy_(magnitude[: codes.numel()])
 
 
 def gradsign(values, gradients, counters, learning_rate, decay_rates) -> None:
@@ -271,6 +292,7 @@ def sm3(
     beta_2: float,
     epsilon: float,
     decay_rates,
+    block_size: int | None = None,
 ) -> list[int]:
     """SM3's variant II step (`sm3.sm3_update`) for float32 variables and
     gradients, with `epsilon > 0`; returns the positions of the variables
@@ -278,7 +300,12 @@ def sm3(
 
     `accumulators[i]` is the list of a variable's accumulators (one per
     axis for rank >= 2, one full-size for rank 0 and 1) and `momenta[i]`
-    its momentum or None (momentum 0).
+    its float32 momentum, None (momentum 0), or with `block_size` a pair
+    `(codes, scales)` of a blockwise int8 momentum (the format of
+    `keras_soma._quantize`): dequantized a piece of whole blocks at a time
+    into a float32 temporary, updated there, used to move the variable and
+    requantized (`dequantize_into`, `requantize`), so that the variable
+    moves by the float32 momentum, as in `SM3.update_step`.
 
     For rank >= 2, `epsilon` is added to the accumulators (vectors) before
     their minimum is broadcast, rather than to the full-size `nu`: `nu +
@@ -315,6 +342,7 @@ def sm3(
                 epsilon,
                 scale,
                 scratch,
+                block_size,
             )
             continue
         (slot,) = slots
@@ -325,12 +353,48 @@ def sm3(
             slot > 0, gradient / torch.sqrt(slot + epsilon), 0.0
         ).clamp_(-bound, bound)
         decay(value, decay_rate)
-        if momentum_value is None:
-            value.addcmul_(update, learning_rate, value=-1)
-        else:
-            momentum_value.mul_(momentum).add_(update, alpha=1.0 - momentum)
-            value.addcmul_(momentum_value, learning_rate, value=-1)
+        _move(
+            value,
+            update,
+            momentum_value,
+            learning_rate,
+            momentum,
+            block_size,
+            scratch,
+            0,
+        )
     return left
+
+
+def _move(
+    value, update, momentum_value, learning_rate, momentum, block_size, scratch, first
+) -> None:
+    """`value -= learning_rate * m` with `m` the new momentum `momentum * m
+    + (1 - momentum) * update` (in place), or `update` itself where
+    `momentum_value` is None; an int8 momentum `(codes, scales)` is
+    dequantized from its element `first` on (the start of a block), updated
+    in a float32 temporary and requantized. `value` and `update` are the
+    matching pieces of one variable, `update` a float32 temporary that may
+    be overwritten."""
+    if momentum_value is None:
+        value.addcmul_(update, learning_rate, value=-1)
+        return
+    if block_size is None:
+        momentum_value.mul_(momentum).add_(update, alpha=1.0 - momentum)
+        value.addcmul_(momentum_value, learning_rate, value=-1)
+        return
+    codes, scales = momentum_value
+    count = update.numel()
+    blocks = -(-count // block_size)
+    block_scales = scales[first // block_size :][:blocks]
+    piece_codes = flat(codes)[first : first + count]
+    wide = scratch.flat(blocks * block_size, torch.float32, update.device, 2)
+    spare = scratch.flat(blocks * block_size, torch.float32, update.device, 3)
+    dequantize_into(wide, piece_codes, block_scales, spare)
+    average = wide[:count].view(update.shape)
+    average.mul_(momentum).add_(update, alpha=1.0 - momentum)
+    value.addcmul_(average, learning_rate, value=-1)
+    requantize(wide, piece_codes, block_scales, spare)
 
 
 def _nu_is_finite(gradient, slots, beta_2, epsilon, scale) -> bool:
@@ -362,17 +426,25 @@ def _sm3_rows(
     epsilon,
     scale,
     scratch,
+    block_size=None,
 ) -> None:
     """SM3's rank >= 2 step (`sm3`) over blocks of about `CHUNK` elements
     along the first axis: a block's `nu` gives its rows' new first-axis
     accumulators (written at once: no later block reads them) and running
     maxima for the other axes (written after the last block, since every
     block reads them); the variable and its momentum move block by block.
-    The numbers are those of one block: a maximum is exact."""
+    The numbers are those of one block: a maximum is exact. With an int8
+    momentum (`block_size`), a block of rows is a whole number of the
+    momentum's blocks (a multiple of `block_size / gcd(row length,
+    block_size)` rows), so that no quantization block is split."""
     rank = gradient.dim()
     rate = float(learning_rate)
     rows = gradient.shape[0]
-    step_rows = max(1, CHUNK // max(1, gradient[0].numel()))
+    row_length = max(1, gradient[0].numel())
+    step_rows = max(1, CHUNK // row_length)
+    if block_size is not None:
+        aligned = block_size // math.gcd(row_length, block_size)
+        step_rows = max(1, step_rows // aligned) * aligned
     first, others = slots[0], slots[1:]
     maxima = [None] * len(others)
     for start in range(0, rows, step_rows):
@@ -402,9 +474,20 @@ def _sm3_rows(
             value_block.addcdiv_(block, update, value=-rate)
             continue
         torch.div(block, update, out=update)
-        momentum_block = momentum_value[start:end]
-        momentum_block.mul_(momentum).add_(update, alpha=1.0 - momentum)
-        value_block.addcmul_(momentum_block, learning_rate, value=-1)
+        if block_size is None:
+            momentum_block = momentum_value[start:end]
+        else:
+            momentum_block = momentum_value
+        _move(
+            value_block,
+            update,
+            momentum_block,
+            learning_rate,
+            momentum,
+            block_size,
+            scratch,
+            start * row_length,
+        )
     for slot, maximum in zip(others, maxima):
         slot.copy_(maximum.sub_(epsilon).clamp_max_(FLOAT32_MAX))
 

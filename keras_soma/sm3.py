@@ -328,16 +328,16 @@ class SM3(KerasSomaOptimizer):
     def _torch_step_missing(self) -> str | None:
         """Why the multi-tensor torch step (`_torch_step.sm3`) cannot make
         this optimizer's update, or None where it can. It keeps the
-        momentum in place in its own dtype, float32 only (a float32
-        variable's `None`)."""
+        momentum in place, float32 (a float32 variable's `None`) or
+        blockwise int8."""
         if self.variant != "II":
             return f"variant={self.variant!r} (it takes variant 'II')"
         if self.epsilon == 0:
             return "epsilon=0 (it takes epsilon > 0)"
-        if self.momentum > 0 and self.momentum_dtype not in (None, "float32"):
+        if self.momentum > 0 and self.momentum_dtype not in (None, "float32", "int8"):
             return (
                 f"momentum_dtype={self.momentum_dtype!r} (it takes a float32 "
-                "momentum, or momentum=0)"
+                "or int8 momentum, or momentum=0)"
             )
         return None
 
@@ -356,10 +356,14 @@ class SM3(KerasSomaOptimizer):
             slots = self._accumulators[index]
             slots = slots if isinstance(slots, list) else [slots]
             accumulators.append([slot.value for slot in slots])
-        momenta = [
-            None if self._momentums[index] is None else self._momentums[index].value
-            for index in taken.indices
-        ]
+        momenta = []
+        for index in taken.indices:
+            momentum = self._momentums[index]
+            if momentum is not None and self._quantized:
+                momentum = (momentum.value, self._momentum_scales[index].value)
+            elif momentum is not None:
+                momentum = momentum.value
+            momenta.append(momentum)
         left = _torch_step.sm3(
             taken.values,
             taken.gradients,
@@ -370,6 +374,7 @@ class SM3(KerasSomaOptimizer):
             self.beta_2,
             self.epsilon,
             taken.rates,
+            block_size=self.block_size if self._quantized else None,
         )
         return rest + [(taken.gradients[i], taken.variables[i]) for i in left]
 

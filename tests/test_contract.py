@@ -843,6 +843,8 @@ def test_fused_true_under_torch_compile_is_the_compiled_step(spec, monkeypatch):
         dict(cls=keras_soma.GradSign),
         dict(cls=keras_soma.SM3),
         dict(cls=keras_soma.SM3, momentum=0.0, beta_2=0.99),
+        dict(cls=keras_soma.SM3, momentum_dtype="int8", block_size=3),
+        dict(cls=keras_soma.SM3, momentum_dtype="int8", block_size=4),
     ],
     ids=[
         "soma",
@@ -852,6 +854,8 @@ def test_fused_true_under_torch_compile_is_the_compiled_step(spec, monkeypatch):
         "gradsign",
         "sm3",
         "sm3-momentum0-beta0.99",
+        "sm3-int8-block3",
+        "sm3-int8-block4",
     ],
 )
 def test_multi_tensor_torch_step_in_chunks_equals_whole(arguments, monkeypatch):
@@ -860,8 +864,10 @@ def test_multi_tensor_torch_step_in_chunks_equals_whole(arguments, monkeypatch):
     whole blocks, as many as fit), so that a table's step adds a chunk to
     the peak rather than a table-sized copy: with chunks of 7 elements
     (variables of 20 and 24 elements in 3 and 4 pieces, a last piece
-    short; SM3's rows of 4 and 8 one or two at a time; int8 blocks of 3
-    two at a time, of 4 one at a time, a last block partial) the numbers
+    short; SM3's rows of 4 and 8 one or two at a time, with an int8
+    momentum whole blocks of rows: 3 rows of 4 or 8 for blocks of 3, one
+    row for blocks of 4; int8 Soma's blocks of 3 two at a time, of 4 one at
+    a time, a last block partial) the numbers
     are those of one piece per variable, bit for bit, with weight decay
     and a non-contiguous gradient."""
     from keras_soma import _torch_step

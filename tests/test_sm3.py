@@ -15,7 +15,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import requires_jax, requires_tensorflow
+from conftest import requires_jax, requires_tensorflow, requires_torch
 from helpers import (
     assert_refused_changing_nothing,
     make_stepper,
@@ -852,17 +852,42 @@ def test_momentum_dtype_and_block_size_messages():
         ) in str(raised.value)
 
 
-@pytest.mark.parametrize("momentum_dtype", ["int8", "bfloat16"])
-def test_reduced_momentum_leaves_the_multi_tensor_torch_step(momentum_dtype):
-    """The torch multi-tensor step keeps the momentum in place in float32:
-    every pair goes to `update_step` (checked against the reference on
-    torch by the SM3-int8 registry row), on every backend's code path."""
+def test_bfloat16_momentum_leaves_the_multi_tensor_torch_step():
+    """The torch multi-tensor step keeps the momentum in place in float32
+    or blockwise int8: with a bfloat16 momentum every pair goes to
+    `update_step` (checked against the reference on torch by the SM3
+    registry row's bfloat16 case), on every backend's code path."""
     variables = [keras.Variable(np.ones((4, 3), "float32"))]
     gradients = [keras.ops.ones((4, 3))]
-    optimizer = keras_soma.SM3(momentum_dtype=momentum_dtype)
+    optimizer = keras_soma.SM3(momentum_dtype="bfloat16")
     optimizer.build(variables)
     rest = optimizer._torch_update(gradients, variables, 0.1)
     assert [variable for _, variable in rest] == variables
+
+
+@requires_torch
+def test_int8_momentum_takes_the_multi_tensor_torch_step():
+    """An int8 momentum is stepped by the multi-tensor torch step (no pair
+    left for `update_step`): it moves the variable and rewrites the codes
+    and scales in place (its numbers: the SM3-int8 registry row against
+    the reference, and tests/test_contract.py's chunk and fused tests)."""
+    variables = [keras.Variable(np.ones((4, 3), "float32"))]
+    gradients = [
+        keras.ops.convert_to_tensor(np.arange(12.0, dtype="float32").reshape(4, 3))
+    ]
+    optimizer = keras_soma.SM3(momentum_dtype="int8", block_size=5)
+    optimizer.build(variables)
+    codes_before = keras.ops.convert_to_numpy(optimizer._momentums[0]).copy()
+    import torch
+
+    with torch.no_grad():  # as Keras applies gradients
+        rest = optimizer._torch_update(gradients, variables, 0.1)
+    assert rest == []
+    assert not np.array_equal(keras.ops.convert_to_numpy(variables[0]), np.ones((4, 3)))
+    codes = keras.ops.convert_to_numpy(optimizer._momentums[0])
+    assert codes.dtype == np.int8 and not np.array_equal(codes, codes_before)
+    scales = keras.ops.convert_to_numpy(optimizer._momentum_scales[0])
+    assert scales.shape == (3,) and np.all(np.isfinite(scales)) and np.all(scales > 0)
 
 
 @requires_blocked_path
