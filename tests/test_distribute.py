@@ -397,31 +397,35 @@ def test_trit_packing_round_trips():
     np.testing.assert_array_equal(np.asarray(unpack_trits(packed)), trits)
 
 
-@pytest.mark.slow
-@requires_jax
-def test_vote_traffic_from_the_compiled_step_is_a_sixteenth_of_float32():
-    """benchmarks/vote_traffic.py reads the collectives out of the compiled
-    HLO: the packed vote sends at most 1/16 of what the float32 all-reduce
-    of DataParallel sends, the int8 vote about 1/4."""
+def benchmark_table_rows(script, *arguments):
+    """The cells of every Markdown table row that benchmarks/`script`
+    prints, run on JAX in a process of its own (with `arguments`)."""
     environment = {**os.environ, "PYTHONPATH": REPOSITORY, "KERAS_BACKEND": "jax"}
     completed = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPOSITORY, "benchmarks", "vote_traffic.py"),
-            "--workers",
-            "4",
-            "--hidden",
-            "64",
-        ],
+        [sys.executable, os.path.join(REPOSITORY, "benchmarks", script), *arguments],
         env=environment,
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT_SECONDS,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in completed.stdout.splitlines()
+        if line.startswith("|")
+    ]
+
+
+@pytest.mark.slow
+@requires_jax
+def test_vote_traffic_from_the_compiled_step_is_a_sixteenth_of_float32():
+    """benchmarks/vote_traffic.py reads the collectives out of the compiled
+    HLO: the packed vote sends at most 1/16 of what the float32 all-reduce
+    of DataParallel sends, the int8 vote about 1/4."""
     ratios = {}
-    for line in completed.stdout.splitlines():
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
+    for cells in benchmark_table_rows(
+        "vote_traffic.py", "--workers", "4", "--hidden", "64"
+    ):
         if len(cells) == 6 and cells[5].startswith("1/"):
             ratios[cells[0]] = (cells[2], float(cells[5][2:]))
     assert set(ratios) == {"DataParallel (float32)", "int8", "packed"}, ratios
@@ -441,33 +445,23 @@ def test_fit_over_four_host_devices_waits_for_each_step_and_finishes():
     each step through the JAX trainer's `make_train_function` /
     `train_function` and finish; if Keras stops building its step through
     these hooks, "waited for each step" reads "no" and this fails."""
-    environment = {**os.environ, "PYTHONPATH": REPOSITORY, "KERAS_BACKEND": "jax"}
-    completed = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPOSITORY, "benchmarks", "host_device_deadlock.py"),
-            "--cases",
-            "vote",
-            "keras-adam-waiting",
-            "--timeout",
-            "300",
-            # A loaded machine can keep a device thread 40 s late (XLA's
-            # default); a deadlock then shows as no progress in 300 s.
-            "--rendezvous-timeout",
-            "1200",
-        ],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_SECONDS,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
     outcomes = {}
-    for line in completed.stdout.splitlines():
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
+    rows = benchmark_table_rows(
+        "host_device_deadlock.py",
+        "--cases",
+        "vote",
+        "keras-adam-waiting",
+        "--timeout",
+        "300",
+        # A loaded machine can keep a device thread 40 s late (XLA's
+        # default); a deadlock then shows as no progress in 300 s.
+        "--rendezvous-timeout",
+        "1200",
+    )
+    for cells in rows:
         if len(cells) == 3 and cells[0] in ("vote", "keras-adam-waiting"):
             outcomes[cells[0]] = cells[1]
-    assert set(outcomes) == {"vote", "keras-adam-waiting"}, completed.stdout
+    assert set(outcomes) == {"vote", "keras-adam-waiting"}, rows
     for case, outcome in outcomes.items():
         assert outcome.startswith("finished: 1000 steps"), (case, outcome)
         assert outcome.endswith("waited for each step: yes"), (case, outcome)
