@@ -28,17 +28,19 @@ pytestmark = [
     ),
 ]
 
-# One model per backend keeps the run short: the recommender exercises the
-# row-sliced gradients TensorFlow gives an Embedding (dense ones on torch),
-# the CNN the dense gradients of JAX. The short CNN (1.2M parameters) is
-# too small for torch: Adam's extra 4.8 MB of state sank in its peak's
-# noise (CI measured Adam's peak 5 MB *below* Soma's), where the short
-# recommender's 12.8M parameters put it 145 MB above.
-MODEL_BY_BACKEND = {"tensorflow": "recommender", "jax": "cnn", "torch": "recommender"}
+# The short recommender (12.8M parameters) on every backend: row-sliced
+# gradients on TensorFlow, dense ones on JAX and torch. Adam's extra
+# moment is 51 MB there, well above the peak's noise. The short CNN
+# (1.2M parameters) was too small: Adam's extra 4.8 MB sank in the noise
+# (CI measured Adam's peak 5 MB below Soma's on torch and 11 MB below it
+# on JAX), where the recommender put Adam 53 MB above Soma on JAX
+# (`KERAS_BACKEND=jax python benchmarks/peak_memory.py --short --models
+# recommender --optimizers adam soma --sizes`).
+MODEL = "recommender"
 
 
 def test_short_run_measures_and_writes(tmp_path):
-    model = MODEL_BY_BACKEND[keras.backend.backend()]
+    model = MODEL
     rows = peak_memory.main(
         [
             "--short",
