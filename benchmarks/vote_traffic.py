@@ -27,6 +27,15 @@ import os
 import re
 import sys
 
+sys.path.insert(
+    0,
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"
+    ),
+)
+
+from host_devices import host_device_flags  # noqa: E402
+
 WORKERS = 8
 HIDDEN = 1024
 BATCH_PER_WORKER = 16
@@ -51,21 +60,6 @@ COLLECTIVE = re.compile(
     r"(?:-start)?\("
 )
 ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
-
-
-def host_device_flags(count):
-    """XLA_FLAGS for `count` host (CPU) devices.
-
-    XLA's CPU collectives abort the process when a device's thread is more
-    than 40 s late at a rendezvous, which happens on a loaded machine (the
-    devices are threads sharing its cores); the limits are raised.
-    """
-    return (
-        f"--xla_force_host_platform_device_count={count} "
-        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300 "
-        "--xla_cpu_collective_call_terminate_timeout_seconds=1200 "
-        "--xla_cpu_collective_timeout_seconds=1200"
-    )
 
 
 def parse_arguments(argv=None):

@@ -18,6 +18,14 @@ WarmupCooldown` with a quadratic warm-up over the first 5% of the steps and a
 linear cool-down over the last 10%; the other optimizers keep a constant
 learning rate.
 
+`--optimizer soma-vote` trains Soma with `keras_soma.distribute.
+majority_vote` over `--workers` devices (JAX only): each worker keeps its
+own momentum on its share of the batch and the update is the sign of the
+workers' summed votes. The global batch and the batches are the same as a
+single-device run's, so `--optimizer soma --optimizer soma-vote` compares
+the vote with Soma on one device. On a CPU the workers are host devices
+(XLA_FLAGS is set here, before JAX starts).
+
 Data: by default `tfds.load("tiny_shakespeare")` (downloaded on first use):
 its train split for training, its validation split held out. With
 `--text-dir DIR`, every file under DIR matching `--text-pattern` (default
@@ -36,6 +44,8 @@ minute per optimizer, most of it tracing.
 
     python examples/shakespeare_lm.py --optimizer adamw --optimizer soma
     python examples/shakespeare_lm.py --text-dir texts/ --quick
+    KERAS_BACKEND=jax python examples/shakespeare_lm.py --optimizer soma \
+        --optimizer soma-vote --workers 4
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fashion_mnist_common as common  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from host_devices import host_device_flags  # noqa: E402
 
 import keras_soma  # noqa: E402
 from keras_soma.memory import state_bytes_per_parameter  # noqa: E402
@@ -95,6 +106,9 @@ SAMPLES = 3
 TEMPERATURE = 0.8
 EVAL_BATCH_SIZE = 48
 DEFAULT_OPTIMIZERS = ["adamw", "soma"]
+WORKERS = 4
+# Trained with keras_soma.distribute.majority_vote over --workers devices.
+VOTE_OPTIMIZERS = ("soma-vote",)
 
 
 # name: (display name, constructor, default arguments, uses the SM3 recipe).
@@ -117,6 +131,12 @@ OPTIMIZERS = {
     ),
     "soma": (
         "Soma",
+        keras_soma.Soma,
+        {"learning_rate": 2e-4, "weight_decay": 0.5},
+        False,
+    ),
+    "soma-vote": (
+        "Soma, majority vote",
         keras_soma.Soma,
         {"learning_rate": 2e-4, "weight_decay": 0.5},
         False,
@@ -290,36 +310,53 @@ def build_model(vocabulary_size: int, args) -> keras.Model:
     return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
 
 
-def evaluate(model, validation) -> float:
+def evaluation_batch_size(workers: int = 1) -> int:
+    """`EVAL_BATCH_SIZE` rounded up to a multiple of `workers` (a data-
+    parallel batch splits evenly over the workers)."""
+    return -(-EVAL_BATCH_SIZE // workers) * workers
+
+
+def evaluate(model, validation, workers: int = 1) -> float:
     """Mean cross-entropy in nats per character on the held-out windows."""
     inputs, targets = validation
     return float(
         model.evaluate(
-            model_inputs(inputs), targets, batch_size=EVAL_BATCH_SIZE, verbose=0
+            model_inputs(inputs),
+            targets,
+            batch_size=evaluation_batch_size(workers),
+            verbose=0,
         )
     )
 
 
 def sample(
-    model, vocabulary, count: int, characters: int, context: int, seed: int
+    model,
+    vocabulary,
+    count: int,
+    characters: int,
+    context: int,
+    seed: int,
+    workers: int = 1,
 ) -> list[str]:
     """`count` texts of `characters` characters, each started from a
     newline, drawn at temperature `TEMPERATURE`.
 
     The window holds the text so far (padded at the end until it is
     `context` long, then its last `context` characters); the causal model's
-    output at the last real position gives the next character.
+    output at the last real position gives the next character. The batch
+    is padded with empty windows to a multiple of `workers`.
     """
     rng = np.random.default_rng(seed)
     start = vocabulary.encode("\n")
     generated = [list(start) for _ in range(count)]
+    batch = -(-count // workers) * workers
     for _ in range(characters):
         length = min(len(generated[0]), context)
-        token_ids = np.zeros((count, context), dtype="int32")
+        token_ids = np.zeros((batch, context), dtype="int32")
         for row, ids in enumerate(generated):
             token_ids[row, :length] = ids[-length:]
         logits = model.predict_on_batch(model_inputs(token_ids))
-        logits = np.asarray(keras.ops.convert_to_numpy(logits))[:, length - 1]
+        logits = np.asarray(keras.ops.convert_to_numpy(logits))[:count, length - 1]
         logits = logits.astype("float64") / TEMPERATURE
         probabilities = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probabilities /= probabilities.sum(axis=-1, keepdims=True)
@@ -328,10 +365,46 @@ def sample(
     return [vocabulary.decode(ids[len(start) :]) for ids in generated]
 
 
+def vote_distribution(workers: int):
+    """A `DataParallel` distribution over the first `workers` devices.
+
+    Raises:
+        ValueError: If there are fewer than `workers` devices.
+    """
+    devices = keras.distribution.list_devices()
+    if len(devices) < workers:
+        raise ValueError(
+            f"--workers must be at most the number of devices ({len(devices)} "
+            f"here: {devices}); received {workers}. On a CPU, start Python "
+            f"with XLA_FLAGS='{host_device_flags(workers)}'"
+        )
+    return keras.distribution.DataParallel(devices=devices[:workers])
+
+
 def train_one(name: str, args, vocabulary, train, validation) -> dict:
     """Trains a fresh model with one optimizer; returns its row."""
     display_name = OPTIMIZERS[name][0]
+    workers = 1
+    distribution = None
+    if name in VOTE_OPTIMIZERS:
+        workers = args.workers
+        display_name = f"{display_name} ({workers} workers)"
+        distribution = vote_distribution(workers)
+    # Before the distribution: clearing the session clears it too.
     keras.backend.clear_session()
+    keras.distribution.set_distribution(distribution)
+    try:
+        return train_model(
+            name, display_name, workers, args, vocabulary, train, validation
+        )
+    finally:
+        keras.distribution.set_distribution(None)
+
+
+def train_model(
+    name: str, display_name: str, workers: int, args, vocabulary, train, validation
+) -> dict:
+    """`train_one` in the distribution already set (none for one device)."""
     keras.utils.set_random_seed(args.seed)
     model = build_model(len(vocabulary), args)
     optimizer = make_optimizer(name, args.steps, args.learning_rate)
@@ -340,11 +413,13 @@ def train_one(name: str, args, vocabulary, train, validation) -> dict:
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         weighted_metrics=[],
     )
+    if workers > 1:
+        keras_soma.distribute.majority_vote(model)
     averaging = keras_soma.PolyakAveraging(
         decay=args.averaging_decay, dynamic_decay=True, evaluate_with_average=False
     )
     train_inputs, train_targets = train
-    initial = evaluate(model, validation)
+    initial = evaluate(model, validation, workers)
     curve = [(0, initial, initial)]
     train_losses = []
     seconds = 0.0
@@ -366,9 +441,9 @@ def train_one(name: str, args, vocabulary, train, validation) -> dict:
         seconds += time.perf_counter() - began
         train_losses.append(float(history.history["loss"][-1]))
         step = end
-        raw = evaluate(model, validation)
+        raw = evaluate(model, validation, workers)
         with averaging.averaged():
-            averaged = evaluate(model, validation)
+            averaged = evaluate(model, validation, workers)
         curve.append((step, raw, averaged))
         print(
             f"{display_name} step {step}/{args.steps}: train loss "
@@ -383,6 +458,7 @@ def train_one(name: str, args, vocabulary, train, validation) -> dict:
         args.sample_characters,
         args.context,
         args.seed,
+        workers,
     )
     return {
         "key": name,
@@ -526,6 +602,13 @@ def parse_args(argv=None):
             default=None,
             help=f"{help_text}; default: {DEFAULTS[name]} ({QUICK[name]} with --quick)",
         )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=WORKERS,
+        help="devices (workers) of the majority vote of --optimizer soma-vote "
+        f"(JAX only; host devices on a CPU); default: {WORKERS}",
+    )
     parser.add_argument("--seed", type=int, default=SEED, help=f"default: {SEED}")
     parser.add_argument(
         "--averaging-decay",
@@ -572,6 +655,22 @@ def parse_args(argv=None):
         parser.error(
             f"--dim must be a multiple of --heads ({args.heads}); received {args.dim}"
         )
+    if any(name in VOTE_OPTIMIZERS for name in args.optimizer):
+        if keras.backend.backend() != "jax":
+            parser.error(
+                "--optimizer soma-vote needs the JAX backend (set "
+                f"KERAS_BACKEND=jax); received backend {keras.backend.backend()!r}"
+            )
+        if args.workers < 2:
+            parser.error(
+                f"--workers must be at least 2 (a vote); received {args.workers}"
+            )
+        for name in ("batch_size", "eval_windows"):
+            if getattr(args, name) % args.workers:
+                parser.error(
+                    f"--{name.replace('_', '-')} must be a multiple of --workers "
+                    f"({args.workers}) for soma-vote; received {getattr(args, name)}"
+                )
     if args.learning_rate is not None and not args.learning_rate > 0:
         parser.error(f"--learning-rate must be > 0; received {args.learning_rate}")
     if not 0.0 < args.averaging_decay < 1.0:
@@ -616,8 +715,19 @@ def load_texts(args) -> tuple[str, str, str]:
     return train, held_out, description
 
 
+def use_host_devices(workers: int) -> None:
+    """Asks for `workers` host devices in XLA_FLAGS, unless the flags
+    already set a host device count. Takes effect only before JAX starts
+    its CPU backend (its first device query)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {host_device_flags(workers)}".strip()
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if any(name in VOTE_OPTIMIZERS for name in args.optimizer):
+        use_host_devices(args.workers)
     train_text, held_out_text, description = load_texts(args)
     vocabulary = CharacterVocabulary(train_text + held_out_text)
     train_ids = vocabulary.encode(train_text)

@@ -538,6 +538,82 @@ def test_shakespeare_lm_quick(common, tmp_path):
     assert [int(row["step"]) for row in curves] == steps * len(names)
 
 
+def test_shakespeare_lm_majority_vote(common, tmp_path):
+    """`--optimizer soma-vote`: Soma under keras_soma.distribute.majority_vote
+    over the 2 host devices tests/conftest.py asks for, with the example's
+    evaluation and sampling batches split over the workers."""
+    if keras.backend.backend() != "jax":
+        pytest.skip("JAX backend only: the majority vote runs under JAX")
+    pytest.importorskip("keras_hub", reason="needs the `examples` extra")
+    if len(keras.distribution.list_devices()) < 2:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=2")
+    if not glob.glob(os.path.join(SHAKESPEARE_TEXT_DIR, "*_gut.txt")):
+        pytest.skip(
+            f"no Shakespeare texts in {SHAKESPEARE_TEXT_DIR} (set SHAKESPEARE_TEXT_DIR)"
+        )
+    example = load_example("shakespeare_lm")
+    (result,) = example.main(
+        [
+            "--quick",
+            "--optimizer",
+            "soma-vote",
+            "--workers",
+            "2",
+            "--steps",
+            "20",
+            "--eval-every",
+            "10",
+            "--sample-characters",
+            "8",
+            "--text-dir",
+            SHAKESPEARE_TEXT_DIR,
+            "--text-pattern",
+            "*_gut.txt",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    (row,) = read_outputs(tmp_path, "shakespeare_lm", "shakespeare_lm")
+    assert row["optimizer"] == "Soma, majority vote (2 workers)"
+    assert float(row["val_loss"]) < result["initial_val_loss"], row
+    assert float(row["averaged_val_loss"]) < result["initial_val_loss"], row
+    # One float32 momentum per worker.
+    assert float(row["state_bytes_per_parameter"]) == pytest.approx(8.0)
+    # Three samples from a batch padded to a multiple of the workers.
+    assert [len(text) for text in result["samples"]] == [8] * example.SAMPLES
+    # The distribution is unset afterwards.
+    assert keras.distribution.distribution() is None
+
+
+def test_shakespeare_lm_majority_vote_bad_arguments(common, capsys):
+    example = load_example("shakespeare_lm")
+    vote = ["--quick", "--optimizer", "soma-vote"]
+    if keras.backend.backend() != "jax":
+        with pytest.raises(SystemExit):
+            example.parse_args(vote)
+        assert "--optimizer soma-vote needs the JAX backend" in capsys.readouterr().err
+        return
+    for arguments, message in [
+        (["--workers", "1"], "--workers must be at least 2 (a vote); received 1"),
+        (
+            ["--workers", "5"],
+            "--batch-size must be a multiple of --workers (5) for soma-vote; "
+            "received 12",
+        ),
+        (
+            ["--workers", "4", "--eval-windows", "50"],
+            "--eval-windows must be a multiple of --workers (4) for soma-vote; "
+            "received 50",
+        ),
+    ]:
+        with pytest.raises(SystemExit):
+            example.parse_args(vote + arguments)
+        assert message in capsys.readouterr().err
+    devices = len(keras.distribution.list_devices())
+    with pytest.raises(ValueError, match="--workers must be at most the number of"):
+        example.vote_distribution(devices + 1)
+
+
 def test_shakespeare_lm_bad_text(common, tmp_path):
     example = load_example("shakespeare_lm")
     quick = ["--quick", "--output-dir", str(tmp_path / "out")]
