@@ -478,6 +478,16 @@ def test_cosine_schedule_decays_to_zero_over_the_run(common, data_dir):
         )
 
 
+def shakespeare_text_arguments() -> list[str]:
+    """The language model's `--text-dir`/`--text-pattern` for the shared
+    Shakespeare texts; skips the test where they are missing."""
+    if not glob.glob(os.path.join(SHAKESPEARE_TEXT_DIR, "*_gut.txt")):
+        pytest.skip(
+            f"no Shakespeare texts in {SHAKESPEARE_TEXT_DIR} (set SHAKESPEARE_TEXT_DIR)"
+        )
+    return ["--text-dir", SHAKESPEARE_TEXT_DIR, "--text-pattern", "*_gut.txt"]
+
+
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
     reason="the language model's short mode is slow off TensorFlow: on a "
@@ -487,10 +497,7 @@ def test_cosine_schedule_decays_to_zero_over_the_run(common, data_dir):
 )
 def test_shakespeare_lm_quick(common, tmp_path):
     pytest.importorskip("keras_hub", reason="needs the `examples` extra")
-    if not glob.glob(os.path.join(SHAKESPEARE_TEXT_DIR, "*_gut.txt")):
-        pytest.skip(
-            f"no Shakespeare texts in {SHAKESPEARE_TEXT_DIR} (set SHAKESPEARE_TEXT_DIR)"
-        )
+    text_arguments = shakespeare_text_arguments()
     example = load_example("shakespeare_lm")
     # Soma, and SM3 for the warm-up/cool-down schedule.
     names = ["soma", "sm3-m0"]
@@ -498,10 +505,7 @@ def test_shakespeare_lm_quick(common, tmp_path):
         [
             "--quick",
             *[argument for name in names for argument in ("--optimizer", name)],
-            "--text-dir",
-            SHAKESPEARE_TEXT_DIR,
-            "--text-pattern",
-            "*_gut.txt",
+            *text_arguments,
             "--output-dir",
             str(tmp_path),
         ]
@@ -547,10 +551,7 @@ def test_shakespeare_lm_majority_vote(common, tmp_path):
     pytest.importorskip("keras_hub", reason="needs the `examples` extra")
     if len(keras.distribution.list_devices()) < 2:
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=2")
-    if not glob.glob(os.path.join(SHAKESPEARE_TEXT_DIR, "*_gut.txt")):
-        pytest.skip(
-            f"no Shakespeare texts in {SHAKESPEARE_TEXT_DIR} (set SHAKESPEARE_TEXT_DIR)"
-        )
+    text_arguments = shakespeare_text_arguments()
     example = load_example("shakespeare_lm")
     (result,) = example.main(
         [
@@ -565,10 +566,7 @@ def test_shakespeare_lm_majority_vote(common, tmp_path):
             "10",
             "--sample-characters",
             "8",
-            "--text-dir",
-            SHAKESPEARE_TEXT_DIR,
-            "--text-pattern",
-            "*_gut.txt",
+            *text_arguments,
             "--output-dir",
             str(tmp_path),
         ]
