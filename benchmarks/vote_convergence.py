@@ -38,7 +38,11 @@ WORKERS = 4
 EPOCHS = 3
 SEEDS = (0, 1, 2)
 BATCH_SIZE = 64
-MODELS = {"mlp": "MLP", "cnn": "CNN", "lm": "character-level language model"}
+MODELS = {
+    "mlp": "fashion-MNIST MLP",
+    "cnn": "fashion-MNIST CNN",
+    "lm": "character-level language model",
+}
 LM_OUTPUT_DIR = "results"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))

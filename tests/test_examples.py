@@ -19,6 +19,7 @@ import glob
 import importlib.util
 import math
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -757,6 +758,34 @@ def load_benchmark(name: str):
     return module
 
 
+def run_vote_convergence(arguments, data_dir=None) -> dict[str, list[float]]:
+    """Runs benchmarks/vote_convergence.py under JAX; its table's rows by
+    seed (and "mean"), as numbers."""
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    if data_dir is not None:
+        env["TFDS_DATA_DIR"] = data_dir
+    completed = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPOSITORY, "benchmarks", "vote_convergence.py"),
+            *arguments,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    output = completed.stdout
+    assert "python benchmarks/vote_convergence.py " + shlex.join(arguments) in output
+    rows = {}
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and (cells[0].isdigit() or cells[0] == "mean"):
+            rows[cells[0]] = [float(cell) for cell in cells[1:] if cell]
+    return rows, output
+
+
 def test_vote_convergence_short(common, data_dir):
     """benchmarks/vote_convergence.py, short: per seed one single-device
     and one majority-vote run of the CNN; the table's differences are the
@@ -766,34 +795,48 @@ def test_vote_convergence_short(common, data_dir):
     # In the order of the command line the benchmark prints.
     arguments = ["--workers", "2", "--epochs", "1", "--seeds", "0", "1"]
     arguments += ["--batch-size", "64", "--model", "cnn", "--steps-per-epoch", "8"]
-    completed = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPOSITORY, "benchmarks", "vote_convergence.py"),
-            *arguments,
-        ],
-        env={**os.environ, "KERAS_BACKEND": "jax", "TFDS_DATA_DIR": data_dir},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    output = completed.stdout
-    assert "fashion-MNIST CNN" in output
-    assert "python benchmarks/vote_convergence.py " + " ".join(arguments) in output
-    rows = {}
-    for line in output.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) == 4 and cells[0] in ("0", "1", "mean"):
-            rows[cells[0]] = cells
+    rows, output = run_vote_convergence(arguments, data_dir)
+    assert "fashion-MNIST CNN, Soma defaults, 1 epochs" in output
     assert set(rows) == {"0", "1", "mean"}, output
     differences = []
     for seed in ("0", "1"):
-        single, vote, difference = (float(cell) for cell in rows[seed][1:])
+        single, vote, difference = rows[seed]
         assert 0 < single <= 100 and 0 < vote <= 100, rows[seed]
         assert abs(difference - (vote - single)) <= 0.011, rows[seed]
         differences.append(difference)
-    assert abs(float(rows["mean"][3]) - sum(differences) / 2) <= 0.011, rows
+    assert abs(rows["mean"][0] - sum(differences) / 2) <= 0.011, rows
+
+
+def test_vote_convergence_language_model_short(common, tmp_path):
+    """`--model lm`: the language model example once on one device and
+    once under the vote per seed; the differences are in percent of the
+    single device's validation loss, and each seed's outputs are written."""
+    if keras.backend.backend() != "jax":
+        pytest.skip("JAX backend only: the majority vote runs under JAX")
+    pytest.importorskip("keras_hub", reason="needs the `examples` extra")
+    text_arguments = shakespeare_text_arguments()
+    # In the order of the command line the benchmark prints.
+    arguments = ["--workers", "2", "--seeds", "0", "1", "--model", "lm"]
+    arguments += ["--steps", "10", *text_arguments, "--quick"]
+    arguments += ["--output-dir", str(tmp_path)]
+    rows, output = run_vote_convergence(arguments)
+    assert "validation loss (nats / character)" in output
+    assert set(rows) == {"0", "1", "mean"}, output
+    differences = []
+    for seed in ("0", "1"):
+        single, vote, difference = rows[seed]
+        assert 0 < single < 10 and 0 < vote < 10, rows[seed]
+        assert abs(difference - 100 * (vote - single) / single) <= 0.011, rows[seed]
+        differences.append(difference)
+        written = read_outputs(
+            tmp_path, f"shakespeare_lm_vote_seed{seed}", "shakespeare_lm"
+        )
+        assert [row["optimizer"] for row in written] == [
+            "Soma",
+            "Soma, majority vote (2 workers)",
+        ]
+        assert float(written[0]["val_loss"]) == pytest.approx(single, abs=1e-4)
+    assert abs(rows["mean"][0] - sum(differences) / 2) <= 0.011, rows
 
 
 @pytest.mark.parametrize(
@@ -806,6 +849,15 @@ def test_vote_convergence_short(common, data_dir):
         ),
         (["--steps-per-epoch", "0"], "--steps-per-epoch must be an integer >= 1"),
         (["--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
+        (
+            ["--model", "lm", "--epochs", "3"],
+            "--epochs does not apply to --model lm; received 3",
+        ),
+        (
+            ["--model", "cnn", "--text-dir", "texts"],
+            "--text-dir does not apply to --model cnn; received 'texts'",
+        ),
+        (["--model", "lm", "--steps", "0"], "--steps must be an integer >= 1"),
     ],
 )
 def test_vote_convergence_bad_arguments_are_named(arguments, message, capsys):
