@@ -160,10 +160,14 @@ OPTIMIZERS = {
 
 
 def make_optimizer(
-    name: str, steps: int, learning_rate: float | None = None
+    name: str,
+    steps: int,
+    learning_rate: float | None = None,
+    weight_decay: float | None = None,
 ) -> keras.optimizers.Optimizer:
     """A fresh optimizer by `--optimizer` name, with the SM3 authors'
-    schedule for SM3 over a run of `steps` updates."""
+    schedule for SM3 over a run of `steps` updates; `learning_rate` and
+    `weight_decay` override the name's defaults."""
     if name not in OPTIMIZERS:
         raise ValueError(
             f"Argument `optimizer` must be one of {sorted(OPTIMIZERS)}; "
@@ -173,6 +177,8 @@ def make_optimizer(
     kwargs = dict(defaults)
     if learning_rate is not None:
         kwargs["learning_rate"] = learning_rate
+    if weight_decay is not None:
+        kwargs["weight_decay"] = weight_decay
     if warmup_cooldown:
         rate = kwargs.get("learning_rate", constructor().get_config()["learning_rate"])
         kwargs["learning_rate"] = keras_soma.schedules.WarmupCooldown(
@@ -407,7 +413,7 @@ def train_model(
     """`train_one` in the distribution already set (none for one device)."""
     keras.utils.set_random_seed(args.seed)
     model = build_model(len(vocabulary), args)
-    optimizer = make_optimizer(name, args.steps, args.learning_rate)
+    optimizer = make_optimizer(name, args.steps, args.learning_rate, args.weight_decay)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -464,6 +470,7 @@ def train_model(
         "key": name,
         "optimizer": display_name,
         "learning_rate": plateau_learning_rate(optimizer),
+        "weight_decay": float(optimizer.weight_decay or 0.0),
         "initial_val_loss": initial,
         "val_loss": curve[-1][1],
         "averaged_val_loss": curve[-1][2],
@@ -487,6 +494,7 @@ def train_model(
 COLUMNS = [
     ("optimizer", "optimizer", "{}"),
     ("learning_rate", "learning rate", "{:g}"),
+    ("weight_decay", "weight decay", "{:g}"),
     ("val_loss", "val loss", "{:.4f}"),
     ("averaged_val_loss", "val loss, averaged weights", "{:.4f}"),
     ("train_loss", "train loss", "{:.4f}"),
@@ -577,6 +585,13 @@ def parse_args(argv=None):
         type=float,
         default=None,
         help="override every optimizer's learning rate (SM3: the plateau)",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="override every optimizer's weight decay (default: AdamW 0.1, "
+        "Lion and Soma 0.5, the others none)",
     )
     parser.add_argument(
         "--quick",
@@ -673,6 +688,8 @@ def parse_args(argv=None):
                 )
     if args.learning_rate is not None and not args.learning_rate > 0:
         parser.error(f"--learning-rate must be > 0; received {args.learning_rate}")
+    if args.weight_decay is not None and not args.weight_decay >= 0:
+        parser.error(f"--weight-decay must be >= 0; received {args.weight_decay}")
     if not 0.0 < args.averaging_decay < 1.0:
         parser.error(
             f"--averaging-decay must lie in (0, 1); received {args.averaging_decay}"

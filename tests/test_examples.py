@@ -489,13 +489,16 @@ def shakespeare_text_arguments() -> list[str]:
     return ["--text-dir", SHAKESPEARE_TEXT_DIR, "--text-pattern", "*_gut.txt"]
 
 
-@pytest.mark.skipif(
+only_on_tensorflow_for_time = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
     reason="the language model's short mode is slow off TensorFlow: on a "
     "loaded 2-core CPU it took 45 s on TensorFlow, 69 s on JAX and 114 s on "
     "PyTorch (mostly compiling keras_hub's GPT-2); the example itself runs "
     "on every backend",
 )
+
+
+@only_on_tensorflow_for_time
 def test_shakespeare_lm_quick(common, tmp_path):
     pytest.importorskip("keras_hub", reason="needs the `examples` extra")
     text_arguments = shakespeare_text_arguments()
@@ -541,6 +544,56 @@ def test_shakespeare_lm_quick(common, tmp_path):
         curves = list(csv.DictReader(handle))
     steps = [0, example.QUICK["eval_every"], example.QUICK["steps"]]
     assert [int(row["step"]) for row in curves] == steps * len(names)
+
+
+@only_on_tensorflow_for_time
+def test_shakespeare_lm_sweep_quick(common, tmp_path):
+    """examples/shakespeare_lm_sweep.py: each optimizer at its default
+    learning rate times each factor, then (Soma: it decays by default) the
+    best rate with the other decays; the best run of each is in bold."""
+    pytest.importorskip("keras_hub", reason="needs the `examples` extra")
+    text_arguments = shakespeare_text_arguments()
+    sweep = load_example("shakespeare_lm_sweep")
+    rows = sweep.main(
+        [
+            "--quick",
+            "--steps",
+            "4",
+            "--optimizer",
+            "soma",
+            "sm3-m0",
+            "--lr-factors",
+            "0.5",
+            "2",
+            "--wd-factors",
+            "4",
+            *text_arguments,
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    lm = sweep.lm
+    soma_rate, soma_decay = sweep.default_settings("soma", 4)
+    sm3_rate, sm3_decay = sweep.default_settings("sm3-m0", 4)
+    assert (soma_rate, soma_decay, sm3_decay) == (pytest.approx(2e-4), 0.5, 0.0)
+    settings = [(row["key"], row["learning_rate"], row["weight_decay"]) for row in rows]
+    soma_rows = [row for row in rows if row["key"] == "soma"]
+    best_rate = min(soma_rows[:2], key=sweep.best_key)["learning_rate"]
+    assert settings == [
+        ("soma", pytest.approx(1e-4), 0.5),
+        ("soma", pytest.approx(4e-4), 0.5),
+        ("soma", best_rate, 2.0),
+        ("sm3-m0", pytest.approx(0.5 * sm3_rate), 0.0),
+        ("sm3-m0", pytest.approx(2 * sm3_rate), 0.0),
+    ]
+    for row in rows:
+        assert math.isfinite(row["val_loss"]) and row["val_loss"] > 0, row
+    written = read_outputs(tmp_path, "shakespeare_lm_sweep", "shakespeare_lm_sweep")
+    assert len(written) == len(rows)
+    bold = [row["optimizer"] for row in written if row["optimizer"].startswith("**")]
+    best = sweep.best_rows(rows)
+    assert bold == [f"**{best[key]['optimizer']}**" for key in ("soma", "sm3-m0")]
+    assert lm.OPTIMIZERS["sm3-m0"][0] in bold[1]
 
 
 def test_shakespeare_lm_majority_vote(common, tmp_path):
@@ -739,6 +792,26 @@ def test_shakespeare_lm_vocabulary_covers_held_out_text(common):
             "shakespeare_lm",
             ["--quick", "--steps", "0"],
             "--steps must be an integer >= 1",
+        ),
+        (
+            "shakespeare_lm",
+            ["--weight-decay", "-0.1"],
+            "--weight-decay must be >= 0; received -0.1",
+        ),
+        (
+            "shakespeare_lm_sweep",
+            ["--lr-factors", "1", "1"],
+            "--lr-factors must hold at least 2 different values (a sweep)",
+        ),
+        (
+            "shakespeare_lm_sweep",
+            ["--wd-factors", "0"],
+            "--wd-factors must all be > 0; received [0.0]",
+        ),
+        (
+            "shakespeare_lm_sweep",
+            ["--optimizer", "soma-vote"],
+            "argument --optimizer: invalid choice: 'soma-vote'",
         ),
     ],
 )
