@@ -18,6 +18,11 @@ WarmupCooldown` with a quadratic warm-up over the first 5% of the steps and a
 linear cool-down over the last 10%; the other optimizers keep a constant
 learning rate.
 
+`--optimizer NAME:lr=RATE:wd=DECAY` gives one optimizer its own learning
+rate and weight decay (either may be left out), e.g. to compare tuned
+settings in one run: `--optimizer adamw:lr=1e-3:wd=0.4 --optimizer
+soma:lr=1e-4:wd=0.125`.
+
 `--optimizer soma-vote` trains Soma with `keras_soma.distribute.
 majority_vote` over `--workers` devices (JAX only): each worker keeps its
 own momentum on its share of the batch and the update is the sign of the
@@ -387,9 +392,64 @@ def vote_distribution(workers: int):
     return keras.distribution.DataParallel(devices=devices[:workers])
 
 
-def train_one(name: str, args, vocabulary, train, validation) -> dict:
-    """Trains a fresh model with one optimizer; returns its row."""
+# `--optimizer NAME:lr=RATE:wd=DECAY`: the settings one optimizer overrides.
+OVERRIDES = {"lr": "learning_rate", "wd": "weight_decay"}
+
+
+def parse_optimizer(text: str) -> tuple[str, dict[str, float]]:
+    """`NAME[:lr=RATE][:wd=DECAY]` as `(NAME, {"learning_rate": RATE,
+    "weight_decay": DECAY})` (the keys given only).
+
+    Raises:
+        ValueError: For an unknown name or setting, or a value that is not
+            a number > 0 (a rate) or >= 0 (a decay).
+    """
+    name, *settings = text.split(":")
+    if name not in OPTIMIZERS:
+        raise ValueError(
+            f"invalid choice: {name!r} (choose from {', '.join(sorted(OPTIMIZERS))})"
+        )
+    overrides = {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        if key not in OVERRIDES:
+            raise ValueError(
+                f"invalid setting {setting!r} in {text!r}: use {name}:lr=RATE:wd=DECAY"
+            )
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not (number > 0 if key == "lr" else number >= 0):
+            raise ValueError(
+                f"{key} must be a number {'> 0' if key == 'lr' else '>= 0'} "
+                f"in {text!r}; received {value!r}"
+            )
+        overrides[OVERRIDES[key]] = number
+    return name, overrides
+
+
+def optimizer_argument(text: str) -> str:
+    """argparse's check of one `--optimizer` value."""
+    try:
+        parse_optimizer(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def train_one(spec: str, args, vocabulary, train, validation) -> dict:
+    """Trains a fresh model with one optimizer (`NAME[:lr=RATE][:wd=DECAY]`);
+    returns its row."""
+    name, overrides = parse_optimizer(spec)
     display_name = OPTIMIZERS[name][0]
+    if overrides:
+        shown = {"learning_rate": "learning rate", "weight_decay": "weight decay"}
+        display_name += (
+            " ("
+            + ", ".join(f"{shown[key]} {value:g}" for key, value in overrides.items())
+            + ")"
+        )
     workers = 1
     distribution = None
     if name in VOTE_OPTIMIZERS:
@@ -401,19 +461,25 @@ def train_one(name: str, args, vocabulary, train, validation) -> dict:
     keras.distribution.set_distribution(distribution)
     try:
         return train_model(
-            name, display_name, workers, args, vocabulary, train, validation
+            spec, display_name, workers, args, vocabulary, train, validation
         )
     finally:
         keras.distribution.set_distribution(None)
 
 
 def train_model(
-    name: str, display_name: str, workers: int, args, vocabulary, train, validation
+    spec: str, display_name: str, workers: int, args, vocabulary, train, validation
 ) -> dict:
     """`train_one` in the distribution already set (none for one device)."""
+    name, overrides = parse_optimizer(spec)
     keras.utils.set_random_seed(args.seed)
     model = build_model(len(vocabulary), args)
-    optimizer = make_optimizer(name, args.steps, args.learning_rate, args.weight_decay)
+    optimizer = make_optimizer(
+        name,
+        args.steps,
+        overrides.get("learning_rate", args.learning_rate),
+        overrides.get("weight_decay", args.weight_decay),
+    )
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -467,7 +533,7 @@ def train_model(
         workers,
     )
     return {
-        "key": name,
+        "key": spec,
         "optimizer": display_name,
         "learning_rate": plateau_learning_rate(optimizer),
         "weight_decay": float(optimizer.weight_decay or 0.0),
@@ -576,8 +642,12 @@ def parse_args(argv=None):
     parser.add_argument(
         "--optimizer",
         action="append",
-        choices=sorted(OPTIMIZERS),
-        help="an optimizer to train with; repeat for several; default: "
+        type=optimizer_argument,
+        metavar="NAME[:lr=RATE][:wd=DECAY]",
+        help="an optimizer to train with, one of "
+        + ", ".join(sorted(OPTIMIZERS))
+        + ", with its own learning rate and weight decay if given (e.g. "
+        "soma:lr=1e-4:wd=0.1); repeat for several; default: "
         + " ".join(DEFAULT_OPTIMIZERS),
     )
     parser.add_argument(
@@ -670,7 +740,7 @@ def parse_args(argv=None):
         parser.error(
             f"--dim must be a multiple of --heads ({args.heads}); received {args.dim}"
         )
-    if any(name in VOTE_OPTIMIZERS for name in args.optimizer):
+    if any(parse_optimizer(spec)[0] in VOTE_OPTIMIZERS for spec in args.optimizer):
         if keras.backend.backend() != "jax":
             parser.error(
                 "--optimizer soma-vote needs the JAX backend (set "
@@ -743,7 +813,7 @@ def use_host_devices(workers: int) -> None:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if any(name in VOTE_OPTIMIZERS for name in args.optimizer):
+    if any(parse_optimizer(spec)[0] in VOTE_OPTIMIZERS for spec in args.optimizer):
         use_host_devices(args.workers)
     train_text, held_out_text, description = load_texts(args)
     vocabulary = CharacterVocabulary(train_text + held_out_text)
@@ -761,7 +831,7 @@ def main(argv=None) -> list[dict]:
         flush=True,
     )
     rows = [
-        train_one(name, args, vocabulary, train, validation) for name in args.optimizer
+        train_one(spec, args, vocabulary, train, validation) for spec in args.optimizer
     ]
     paths = write_outputs(
         rows,

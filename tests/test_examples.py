@@ -666,6 +666,27 @@ def test_shakespeare_lm_majority_vote_bad_arguments(common, capsys):
         example.vote_distribution(devices + 1)
 
 
+def test_shakespeare_lm_optimizer_settings(common):
+    """`NAME:lr=RATE:wd=DECAY` overrides that optimizer's settings alone,
+    ahead of `--learning-rate`/`--weight-decay`, and names them."""
+    example = load_example("shakespeare_lm")
+    assert example.parse_optimizer("soma") == ("soma", {})
+    assert example.parse_optimizer("adamw:wd=0.4:lr=2e-3") == (
+        "adamw",
+        {"weight_decay": 0.4, "learning_rate": 2e-3},
+    )
+    args = example.parse_args(
+        ["--quick", "--optimizer", "soma:lr=1e-4", "--optimizer", "adamw"]
+    )
+    assert args.optimizer == ["soma:lr=1e-4", "adamw"]
+    name, overrides = example.parse_optimizer(args.optimizer[0])
+    optimizer = example.make_optimizer(
+        name, args.steps, overrides["learning_rate"], overrides.get("weight_decay")
+    )
+    assert example.plateau_learning_rate(optimizer) == pytest.approx(1e-4)
+    assert optimizer.weight_decay == pytest.approx(0.5)  # Soma's default here
+
+
 def test_shakespeare_lm_bad_text(common, tmp_path):
     example = load_example("shakespeare_lm")
     quick = ["--quick", "--output-dir", str(tmp_path / "out")]
@@ -792,6 +813,21 @@ def test_shakespeare_lm_vocabulary_covers_held_out_text(common):
             "shakespeare_lm",
             ["--quick", "--steps", "0"],
             "--steps must be an integer >= 1",
+        ),
+        (
+            "shakespeare_lm",
+            ["--optimizer", "soma:lr=0"],
+            "lr must be a number > 0 in 'soma:lr=0'; received '0'",
+        ),
+        (
+            "shakespeare_lm",
+            ["--optimizer", "soma:wd=x"],
+            "wd must be a number >= 0 in 'soma:wd=x'; received 'x'",
+        ),
+        (
+            "shakespeare_lm",
+            ["--optimizer", "soma:beta=0.9"],
+            "invalid setting 'beta=0.9' in 'soma:beta=0.9': use soma:lr=RATE:wd=DECAY",
         ),
         (
             "shakespeare_lm",
