@@ -59,13 +59,11 @@ DECAY_SWEPT = ("adamw", "lion", "soma")
 STEPS = 600
 OUTPUT_DIR = "results"
 OUTPUT_STEM = "shakespeare_lm_sweep"
+# The example's columns less the train loss and the state (one per run).
 COLUMNS = [
-    ("optimizer", "optimizer", "{}"),
-    ("learning_rate", "learning rate", "{:g}"),
-    ("weight_decay", "weight decay", "{:g}"),
-    ("val_loss", "val loss", "{:.4f}"),
-    ("averaged_val_loss", "val loss, averaged weights", "{:.4f}"),
-    ("seconds", "seconds", "{:.0f}"),
+    column
+    for column in lm.COLUMNS
+    if column[0] not in ("train_loss", "state_bytes_per_parameter")
 ]
 
 
@@ -80,23 +78,24 @@ def parse_args(argv=None):
         ),
         help="the optimizers to sweep; default: " + " ".join(DEFAULT_OPTIMIZERS),
     )
-    parser.add_argument(
-        "--lr-factors",
-        type=float,
-        nargs="+",
-        default=list(LR_FACTORS),
-        help="multiples of each optimizer's default learning rate; default: "
-        + " ".join(f"{factor:g}" for factor in LR_FACTORS),
-    )
-    parser.add_argument(
-        "--wd-factors",
-        type=float,
-        nargs="*",
-        default=list(WD_FACTORS),
-        help="multiples of the default weight decay, tried at the best "
-        f"learning rate for {', '.join(DECAY_SWEPT)}; default: "
-        + " ".join(f"{factor:g}" for factor in WD_FACTORS),
-    )
+    for flag, nargs, factors, what in [
+        ("--lr-factors", "+", LR_FACTORS, "each optimizer's default learning rate"),
+        (
+            "--wd-factors",
+            "*",
+            WD_FACTORS,
+            "the default weight decay, tried at the best learning rate for "
+            + ", ".join(DECAY_SWEPT),
+        ),
+    ]:
+        parser.add_argument(
+            flag,
+            type=float,
+            nargs=nargs,
+            default=list(factors),
+            help=f"multiples of {what}; default: "
+            + " ".join(f"{factor:g}" for factor in factors),
+        )
     parser.add_argument(
         "--steps", type=int, default=STEPS, help=f"steps per run; default: {STEPS}"
     )
