@@ -91,8 +91,10 @@ def parse_arguments(argv=None):
     language_only = ("steps", "quick", "text_dir", "text_pattern")
     fashion_only = ("epochs", "steps_per_epoch")
     wrong = fashion_only if arguments.model == "lm" else language_only
+    if arguments.model != "lm" and arguments.output_dir != LM_OUTPUT_DIR:
+        wrong += ("output_dir",)
     for name in wrong:
-        if getattr(arguments, name) not in (None, False):
+        if getattr(arguments, name) not in (None, False, LM_OUTPUT_DIR):
             parser.error(
                 f"--{name.replace('_', '-')} does not apply to --model "
                 f"{arguments.model}; received {getattr(arguments, name)!r}"

@@ -967,6 +967,10 @@ def test_vote_convergence_language_model_short(common, tmp_path):
             "--text-dir does not apply to --model cnn; received 'texts'",
         ),
         (["--model", "lm", "--steps", "0"], "--steps must be an integer >= 1"),
+        (
+            ["--model", "mlp", "--output-dir", "out"],
+            "--output-dir does not apply to --model mlp; received 'out'",
+        ),
     ],
 )
 def test_vote_convergence_bad_arguments_are_named(arguments, message, capsys):
