@@ -17,17 +17,33 @@ Models:
   gives the sizes for the slope of peak against size, from which the
   largest table each optimizer trains in 8 GB and 80 GB is read.
 * `transformer`: a decoder-only GPT-2 language model built from a
-  keras_hub config (random weights, no download), ~81M parameters.
+  keras_hub config (random weights, no download), ~81M parameters at its
+  default width of 768; `--transformer-dims` gives the widths for the
+  slope of peak against parameters (the same layers and variables at
+  each width, so a one-off cost, such as compiling a kernel, shows in the
+  intercept and not in the slope).
 * `cnn`: the soma paper's fashion-MNIST CNN, on random images.
 
 Reported per row: resident size before fit, the peak above it in bytes per
 parameter, the optimizer's state bytes, `(peak - SGD's peak) / state
 bytes`, the excess over the target `state + 2% of the weights`, and the
-median step time. Run time: the default run takes about an hour on 2 CPU
-cores; `--short` runs small sizes in about two minutes.
+median step time. Run time: the default run takes about an hour and a
+half on 2 CPU cores (the transformer 20-50 s per optimizer and width);
+`--short` runs small sizes in about two minutes.
+
+On TensorFlow, independent ops run in parallel, so the order of
+allocations and the peak vary from run to run (the same SGD run on the
+transformer peaked 788-798 MB above its resident size on a quiet machine
+and 956 MB beside another job);
+`--tf-inter-op-threads 1` runs them one after another, and
+`--mmap-threshold 131072` makes glibc return freed blocks of 128 KB and
+more to the system, so that a peak holds what is allocated rather than
+what the heap kept.
 
     python benchmarks/peak_memory.py --output-dir docs/results
     python benchmarks/peak_memory.py --short --models recommender
+    python benchmarks/peak_memory.py --models transformer --sizes \
+        --tf-inter-op-threads 1 --mmap-threshold 131072
 """
 
 from __future__ import annotations
@@ -77,6 +93,7 @@ OPTIMIZERS = {
         lambda: keras_soma.Soma(momentum_dtype="bfloat16"),
     ),
     "soma-lazy": ("Soma lazy rows", lambda: keras_soma.Soma(lazy_sparse_updates=True)),
+    "soma-unfused": ("Soma, fused=False", lambda: keras_soma.Soma(fused=False)),
     "soma-accum4": (
         "Soma, 4 accumulation steps",
         lambda: keras_soma.Soma(gradient_accumulation_steps=4),
@@ -94,6 +111,7 @@ KERAS_SOMA_OPTIMIZERS = [
     "soma",
     "soma-bf16",
     "soma-lazy",
+    "soma-unfused",
     "soma-accum4",
     "gradsign",
     "gradsign-lazy",
@@ -117,6 +135,8 @@ DEFAULTS = {
     "transformer": dict(layers=6, heads=12, dim=768, vocabulary=50257, context=128),
     "transformer_batch": 4,
     "transformer_steps": 6,
+    # 12 heads of 32, 64 and 96: 30M, 81M and 153M parameters.
+    "transformer_dims": [384, 768, 1152],
     "cnn_batch": 64,
     "cnn_steps": 40,
 }
@@ -128,6 +148,7 @@ SHORT = {
     "transformer": dict(layers=2, heads=2, dim=64, vocabulary=2000, context=32),
     "transformer_batch": 4,
     "transformer_steps": 4,
+    "transformer_dims": [32, 64, 96],
     "cnn_batch": 64,
     "cnn_steps": 8,
 }
@@ -235,8 +256,12 @@ def _zipf_ids(rng, rows: int, count: int):
     return ((ranks * multiplier + offset) % rows).astype(np.int32)
 
 
-def build_case(model_name: str, size: dict, rows: int, seed: int = 0):
-    """`(model, x, y, batch_size, loss)` for one model at one size."""
+def build_case(
+    model_name: str, size: dict, rows: int, seed: int = 0, dim: int | None = None
+):
+    """`(model, x, y, batch_size, loss)` for one model at one size (`rows`
+    for the recommender, the width `dim` for the transformer, default its
+    configuration's)."""
     rng = np.random.default_rng(seed)
     keras.utils.set_random_seed(seed)
     if model_name == "recommender":
@@ -264,7 +289,9 @@ def build_case(model_name: str, size: dict, rows: int, seed: int = 0):
     if model_name == "transformer":
         import keras_hub
 
-        config = size["transformer"]
+        config = dict(size["transformer"])
+        if dim is not None:
+            config["dim"] = dim
         backbone = keras_hub.models.GPT2Backbone(
             vocabulary_size=config["vocabulary"],
             num_layers=config["layers"],
@@ -317,7 +344,7 @@ def run_worker(config: dict) -> dict:
     """Builds one case, trains one epoch and returns the measurements."""
     size = config["size"]
     model, x, y, batch_size, loss = build_case(
-        config["model"], size, config["rows"], config.get("seed", 0)
+        config["model"], size, config["rows"], config.get("seed", 0), config.get("dim")
     )
     optimizer = OPTIMIZERS[config["optimizer"]][1]()
     model.compile(optimizer=optimizer, loss=loss)
@@ -374,9 +401,21 @@ def run_worker(config: dict) -> dict:
 # ----------------------------------------------------------------------
 
 
-def run_configuration(config: dict, timeout: float) -> dict:
-    """Runs one configuration in a fresh process. A run that is killed or
-    runs out of memory gives a row that says so instead of a crash."""
+def worker_environment(args) -> dict:
+    """The environment of the worker processes: this one's, with the
+    settings `--tf-inter-op-threads` and `--mmap-threshold` ask for."""
+    environment = dict(os.environ)
+    if args.tf_inter_op_threads is not None:
+        environment["TF_NUM_INTEROP_THREADS"] = str(args.tf_inter_op_threads)
+    if args.mmap_threshold is not None:
+        environment["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    return environment
+
+
+def run_configuration(config: dict, timeout: float, environment=None) -> dict:
+    """Runs one configuration in a fresh process (with `environment`, or
+    this one's). A run that is killed or runs out of memory gives a row
+    that says so instead of a crash."""
     command = [
         sys.executable,
         os.path.abspath(__file__),
@@ -385,7 +424,12 @@ def run_configuration(config: dict, timeout: float) -> dict:
     ]
     try:
         result = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, check=False
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=environment,
         )
     except subprocess.TimeoutExpired:
         return {"status": f"timed out after {timeout:.0f} s"}
@@ -403,7 +447,9 @@ def run_configuration(config: dict, timeout: float) -> dict:
 
 def describe_configuration(config: dict) -> str:
     return f"{config['model']} / {OPTIMIZERS[config['optimizer']][0]}" + (
-        f" / {config['rows']:,} rows" if config["model"] == "recommender" else ""
+        f" / {config['rows']:,} rows"
+        if config["model"] == "recommender"
+        else (f" / width {config['dim']}" if config.get("dim") else "")
     )
 
 
@@ -514,17 +560,18 @@ def _line(points: list) -> tuple:
 
 
 def fit_lines(sweep: dict) -> dict:
-    """name -> (bytes per parameter, bytes at 0 rows, state bytes per
-    parameter) of the peak against the table size, for every optimizer run
-    at three sizes or more."""
+    """name -> (bytes per parameter, bytes at 0 parameters, state bytes per
+    parameter) of the peak against the parameter count, for every
+    optimizer of one model run at three sizes or more (`sweep`: name ->
+    `(size, row)` pairs)."""
     lines = {}
     for name, points in sweep.items():
         ok = [row for _, row in points if row["status"] == "ok"]
         if len(ok) < 3:
             continue
-        slope, intercept = _line([(row["rows"], row["peak"]) for row in ok])
+        slope, intercept = _line([(row["parameters"], row["peak"]) for row in ok])
         lines[name] = (
-            slope / RECOMMENDER_WIDTH,
+            slope,
             intercept,
             ok[-1]["state_bytes"] / ok[-1]["parameters"],
         )
@@ -532,43 +579,62 @@ def fit_lines(sweep: dict) -> dict:
 
 
 def largest_tables(sweep: dict) -> list:
-    """Least-squares line of peak against rows for each optimizer, the rows
-    at which the peak reaches each budget, and the per-parameter part of
-    the peak above SGD's beside the state."""
-    lines = []
-    fitted = fit_lines(sweep)
-    baseline = fitted.get("sgd")
-    for name, (per_param, intercept, state) in fitted.items():
-        largest = [
+    """`slope_lines` of the recommender, with the rows at which each
+    optimizer's peak reaches each budget."""
+
+    def largest(per_param, intercept):
+        rows = [
             max(0.0, (budget * 10**9 - intercept) / (per_param * RECOMMENDER_WIDTH))
             for budget in BUDGETS_GB
         ]
+        return [f"{count / 1e6:,.1f}M" for count in rows]
+
+    return slope_lines(
+        sweep,
+        [f"largest table in {budget} GB (rows x 64)" for budget in BUDGETS_GB],
+        largest,
+    )
+
+
+def slope_lines(sweep: dict, extra_headers=(), extra=None) -> list:
+    """A table of the slope of peak against parameters for each optimizer
+    of one model (`sweep` as for `fit_lines`), its intercept, and both
+    beside SGD's and the state; `extra(per_param, intercept)` gives the
+    cells of `extra_headers`."""
+    fitted = fit_lines(sweep)
+    baseline = fitted.get("sgd")
+    lines = []
+    for name, (per_param, intercept, state) in fitted.items():
         above = "-"
         constant = "-"
         if baseline is not None:
             above = f"{per_param - baseline[0] - state:+.2f}"
             constant = f"{(intercept - baseline[1]) / 2**20:+.0f}"
-        lines.append(
-            f"| {OPTIMIZERS[name][0]} | {per_param:.2f} | {state:.2f} | {above} | "
-            f"{intercept / 2**20:.0f} | {constant} | "
-            + " | ".join(f"{rows / 1e6:,.1f}M" for rows in largest)
-            + " |"
-        )
+        cells = [
+            OPTIMIZERS[name][0],
+            f"{per_param:.2f}",
+            f"{state:.2f}",
+            above,
+            f"{intercept / 2**20:.0f}",
+            constant,
+            *(extra(per_param, intercept) if extra else []),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     if not lines:
         return []
-    header = (
-        "| optimizer | peak bytes / parameter (slope) | state (bytes / param) | "
-        "slope - SGD's slope - state (bytes / param) | peak at 0 rows (MB) | "
-        "at 0 rows - SGD's (MB) | "
-        + " | ".join(
-            f"largest table in {budget} GB (rows x 64)" for budget in BUDGETS_GB
-        )
-        + " |"
-    )
-    return [header, "|" + "---|" * (6 + len(BUDGETS_GB)), *lines]
+    headers = [
+        "optimizer",
+        "peak bytes / parameter (slope)",
+        "state (bytes / param)",
+        "slope - SGD's slope - state (bytes / param)",
+        "peak at 0 parameters (MB)",
+        "at 0 parameters - SGD's (MB)",
+        *extra_headers,
+    ]
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers), *lines]
 
 
-def slope_target_lines(sweep: dict) -> list:
+def slope_target_lines(sweep: dict, model: str = "recommender") -> list:
     """PASS / FAIL of the per-parameter target: the slope of the peak above
     SGD's slope is at most the state plus 2% of the weights (4 bytes)."""
     fitted = fit_lines(sweep)
@@ -582,7 +648,7 @@ def slope_target_lines(sweep: dict) -> list:
         above = per_param - fitted["sgd"][0] - state
         verdict = "PASS" if above <= allowed else "FAIL"
         lines.append(
-            f"- {verdict}  recommender slope, {OPTIMIZERS[name][0]}: "
+            f"- {verdict}  {model} slope, {OPTIMIZERS[name][0]}: "
             f"{above:+.2f} bytes / param above SGD's slope plus the state "
             f"(target: <= {allowed:.2f}, 2% of the weights)"
         )
@@ -645,6 +711,32 @@ def parse_args(argv=None):
         help="embedding rows for the slope of peak against size (at least 3, "
         "or none to skip the slope)",
     )
+    parser.add_argument(
+        "--transformer-dims",
+        type=int,
+        nargs="*",
+        default=None,
+        help="transformer widths (multiples of its heads) for the slope of "
+        "peak against parameters (at least 3, or none to skip the slope)",
+    )
+    parser.add_argument(
+        "--tf-inter-op-threads",
+        type=int,
+        default=None,
+        help="TensorFlow's inter-op threads in each run (TF_NUM_INTEROP_THREADS); "
+        "1 runs independent ops one after another, so that the order of "
+        "allocations, and the peak, is the same from run to run; default: "
+        "TensorFlow's",
+    )
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        help="glibc's mmap threshold in bytes in each run "
+        "(MALLOC_MMAP_THRESHOLD_): blocks this large or larger are returned "
+        "to the system when freed instead of staying in the heap; default: "
+        "glibc's (dynamic, up to 32 MB)",
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     parser.add_argument(
         "--output-dir", default=None, help="write .md, .csv and .png here"
@@ -657,12 +749,29 @@ def parse_args(argv=None):
         args.rows = size["rows"]
     if args.sizes is None:
         args.sizes = size["sizes"]
+    if args.transformer_dims is None:
+        args.transformer_dims = size["transformer_dims"]
+    heads = size["transformer"]["heads"]
+    if args.transformer_dims and (
+        len(args.transformer_dims) < 3
+        or any(dim < 1 or dim % heads for dim in args.transformer_dims)
+    ):
+        parser.error(
+            f"--transformer-dims must be at least 3 positive multiples of the "
+            f"{heads} heads (or none); received {args.transformer_dims}"
+        )
     if args.rows < 1:
         parser.error(f"--rows must be an integer >= 1; received {args.rows}")
     if args.sizes and (len(args.sizes) < 3 or min(args.sizes) < 1):
         parser.error(
             f"--sizes must be at least 3 integers >= 1 (or none); received {args.sizes}"
         )
+    for name in ("tf_inter_op_threads", "mmap_threshold"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(
+                f"--{name.replace('_', '-')} must be an integer >= 1; received {value}"
+            )
     if not args.timeout > 0:
         parser.error(f"--timeout must be > 0; received {args.timeout}")
     if not sys.platform.startswith("linux"):
@@ -680,26 +789,37 @@ def main(argv=None):
         return None
     backend = keras.backend.backend()
     all_rows = []
-    sweep = {}
+    # model -> optimizer -> (size, row) pairs, for the slopes.
+    sweeps = {}
     for model in args.models:
-        sizes = [args.rows]
-        if model == "recommender" and args.sizes:
-            sizes = sorted(set(args.sizes) | {args.rows})
-        for rows_count in sizes:
+        # The size that varies: the recommender's rows, the transformer's
+        # width; the main table is at the default (`main_size`).
+        main_size, sizes = args.rows, []
+        if model == "recommender":
+            sizes = args.sizes
+        elif model == "transformer":
+            main_size = args.size["transformer"]["dim"]
+            sizes = args.transformer_dims
+        for size_value in sorted(set(sizes) | {main_size}):
             group = []
             for name in args.optimizers:
                 config = {
                     "model": model,
                     "optimizer": name,
-                    "rows": rows_count,
+                    "rows": args.rows,
                     "size": args.size,
                 }
+                if model == "recommender":
+                    config["rows"] = size_value
+                elif model == "transformer":
+                    config["dim"] = size_value
                 started = time.perf_counter()
                 row = {
                     "model": model,
                     "optimizer": name,
-                    "rows": rows_count,
-                    **run_configuration(config, args.timeout),
+                    "rows": config["rows"],
+                    "dim": config.get("dim"),
+                    **run_configuration(config, args.timeout, worker_environment(args)),
                 }
                 print(
                     f"{describe_configuration(config)}: {row['status']}"
@@ -712,10 +832,12 @@ def main(argv=None):
                     flush=True,
                 )
                 group.append(row)
-                if model == "recommender":
-                    sweep.setdefault(name, []).append((rows_count, row))
+                if sizes:
+                    sweeps.setdefault(model, {}).setdefault(name, []).append(
+                        (size_value, row)
+                    )
             add_derived(group)
-            if rows_count == args.rows:
+            if size_value == main_size:
                 all_rows.extend(group)
     report = [
         f"Peak training memory, {backend} backend",
@@ -724,11 +846,18 @@ def main(argv=None):
         "",
         *target_lines(all_rows),
     ]
-    largest = largest_tables(sweep)
-    if largest:
-        report += ["", "Largest embedding table (x 64 float32) per memory budget:", ""]
-        report += largest
-        report += ["", *slope_target_lines(sweep)]
+    for model, sweep in sweeps.items():
+        if model == "recommender":
+            lines = largest_tables(sweep)
+            title = "Largest embedding table (x 64 float32) per memory budget:"
+        else:
+            lines = slope_lines(sweep)
+            widths = ", ".join(str(size) for size, _ in next(iter(sweep.values())))
+            title = (
+                f"{model.capitalize()}, peak against parameters over widths {widths}:"
+            )
+        if lines:
+            report += ["", title, "", *lines, "", *slope_target_lines(sweep, model)]
     command = "python " + " ".join(
         ["benchmarks/peak_memory.py", *(argv or sys.argv[1:])]
     )

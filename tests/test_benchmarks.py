@@ -102,6 +102,20 @@ def test_a_configuration_that_cannot_fit_is_reported():
         (["--sizes", "10", "20"], "--sizes must be at least 3 integers >= 1"),
         (["--sizes", "10", "20", "0"], "received [10, 20, 0]"),
         (["--timeout", "0"], "--timeout must be > 0; received 0.0"),
+        (
+            ["--transformer-dims", "384", "768"],
+            "--transformer-dims must be at least 3 positive multiples of the 12 "
+            "heads (or none); received [384, 768]",
+        ),
+        (["--transformer-dims", "384", "768", "1000"], "received [384, 768, 1000]"),
+        (
+            ["--tf-inter-op-threads", "0"],
+            "--tf-inter-op-threads must be an integer >= 1; received 0",
+        ),
+        (
+            ["--mmap-threshold", "-1"],
+            "--mmap-threshold must be an integer >= 1; received -1",
+        ),
     ],
 )
 def test_bad_arguments_are_named(arguments, message, capsys):
@@ -149,6 +163,37 @@ def test_slope_separates_per_parameter_bytes_from_constant_ones():
     table = "\n".join(peak_memory.largest_tables(sweep))
     assert "| Soma | 12.00 | 4.00 | +0.00 |" in table
     assert "| +57 |" in table  # (560 - 500) MB in MiB
+
+
+def test_transformer_slope_is_read_over_widths():
+    # The transformer's widths give the slope per parameter, whatever the
+    # size variable: SM3 with 1.5 bytes / param above SGD fails, Soma with
+    # only a constant (a compiled kernel's) above its state passes.
+    sweep = _synthetic_sweep(
+        per_param={"sgd": 10.0, "soma": 14.0, "sm3-m0": 11.5},
+        constant={"sgd": 900e6, "soma": 1070e6, "sm3-m0": 1400e6},
+        state={"sgd": 0.0, "soma": 4.0, "sm3-m0": 0.0},
+    )
+    table = "\n".join(peak_memory.slope_lines(sweep))
+    assert "| Soma | 14.00 | 4.00 | +0.00 | 1020 | +162 |" in table
+    assert "| SM3 momentum=0 | 11.50 | 0.00 | +1.50 |" in table
+    lines = peak_memory.slope_target_lines(sweep, "transformer")
+    assert any(line.startswith("- PASS  transformer slope, Soma:") for line in lines), (
+        lines
+    )
+    assert any(
+        line.startswith("- FAIL  transformer slope, SM3 momentum=0:") for line in lines
+    ), lines
+    args = peak_memory.parse_args(
+        ["--tf-inter-op-threads", "1", "--mmap-threshold", "131072"]
+    )
+    environment = peak_memory.worker_environment(args)
+    assert environment["TF_NUM_INTEROP_THREADS"] == "1"
+    assert environment["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    config = {"model": "transformer", "optimizer": "soma", "rows": 1, "dim": 384}
+    assert (
+        peak_memory.describe_configuration(config) == "transformer / Soma / width 384"
+    )
 
 
 def test_jax_step_buffers_reads_xla_assignment(tmp_path):
