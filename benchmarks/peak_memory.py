@@ -788,6 +788,7 @@ def main(argv=None):
         print("RESULT " + json.dumps(run_worker(json.loads(args.worker))), flush=True)
         return None
     backend = keras.backend.backend()
+    environment = worker_environment(args)
     all_rows = []
     # model -> optimizer -> (size, row) pairs, for the slopes.
     sweeps = {}
@@ -819,7 +820,7 @@ def main(argv=None):
                     "optimizer": name,
                     "rows": config["rows"],
                     "dim": config.get("dim"),
-                    **run_configuration(config, args.timeout, worker_environment(args)),
+                    **run_configuration(config, args.timeout, environment),
                 }
                 print(
                     f"{describe_configuration(config)}: {row['status']}"

@@ -84,17 +84,15 @@ def parse_arguments(argv=None):
     language.add_argument("--text-pattern", default=None)
     language.add_argument(
         "--output-dir",
-        default=LM_OUTPUT_DIR,
+        default=None,
         help=f"where each seed's plot and tables go; default: {LM_OUTPUT_DIR}",
     )
     arguments = parser.parse_args(argv)
-    language_only = ("steps", "quick", "text_dir", "text_pattern")
+    language_only = ("steps", "quick", "text_dir", "text_pattern", "output_dir")
     fashion_only = ("epochs", "steps_per_epoch")
     wrong = fashion_only if arguments.model == "lm" else language_only
-    if arguments.model != "lm" and arguments.output_dir != LM_OUTPUT_DIR:
-        wrong += ("output_dir",)
     for name in wrong:
-        if getattr(arguments, name) not in (None, False, LM_OUTPUT_DIR):
+        if getattr(arguments, name) not in (None, False):
             parser.error(
                 f"--{name.replace('_', '-')} does not apply to --model "
                 f"{arguments.model}; received {getattr(arguments, name)!r}"
@@ -103,6 +101,8 @@ def parse_arguments(argv=None):
         arguments.epochs = EPOCHS if arguments.epochs is None else arguments.epochs
         if arguments.batch_size is None:
             arguments.batch_size = BATCH_SIZE
+    elif arguments.output_dir is None:
+        arguments.output_dir = LM_OUTPUT_DIR
     for name in ("workers", "epochs", "batch_size", "steps"):
         if getattr(arguments, name) is not None and getattr(arguments, name) < 1:
             parser.error(

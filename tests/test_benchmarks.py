@@ -184,6 +184,9 @@ def test_transformer_slope_is_read_over_widths():
     assert any(
         line.startswith("- FAIL  transformer slope, SM3 momentum=0:") for line in lines
     ), lines
+
+
+def test_worker_environment_and_width_are_passed_on():
     args = peak_memory.parse_args(
         ["--tf-inter-op-threads", "1", "--mmap-threshold", "131072"]
     )
