@@ -14,9 +14,10 @@ users run and, for comparison, compiled:
   `fit` does with `jit_compile=True`).
 
 An element-wise step is memory-bound. Its floor is the time of a copy
-moving the same bytes, measured in the same run by a compiled kernel (XLA;
-`torch.compile` on torch) that reads the variable, the gradient and every
-state tensor and writes the variable and the state back. Each row gives ms
+moving the same bytes, measured in the same run: a compiled XLA kernel
+(TensorFlow, JAX), or one eager in-place op per tensor (torch), that reads
+the variable, the gradient and every state tensor and writes the variable
+and the state back. Each row gives ms
 per step, parameters per second, bytes moved per parameter, and the ratio
 to the floor and to Keras Lion (beta_1 = beta_2, Soma's update), Adam,
 Adagrad and SGD measured in the same run. On JAX two more columns come from
@@ -311,7 +312,7 @@ def jax_floor(state, variables, gradients):
         values["variables"], values["state"] = copy(
             values["variables"], values["state"], gradients
         )
-        return values["variables"]
+        return values["variables"] + values["state"]
 
     return step
 
@@ -366,8 +367,14 @@ def torch_step(optimizer, variables, gradients, compiled: bool):
 
 
 def torch_floor(state, variables, gradients):
-    """Reads variable, gradient and state; writes variable and state, in
-    one torch.compile'd function."""
+    """Reads variable, gradient and state; writes variable and state: one
+    eager in-place op per tensor, each a single pass over its bytes.
+
+    Eager, not torch.compile'd: Inductor's CPU code may work int8
+    arithmetic lane by lane (see "GradSign and SM3 under torch.compile" on
+    the performance page), and a compiled floor of int8 state then came
+    out above GradSign's eager step on this project's 2-core machine; the
+    eager `add_` runs at memory speed for float32 and int8 alike."""
     import torch
 
     natives = [v.value for v in variables]
@@ -380,7 +387,7 @@ def torch_floor(state, variables, gradients):
             for tensor in state_natives:
                 tensor.add_(1)
 
-    return torch_compile_each(copy)
+    return copy
 
 
 def prepare(label, factory, shapes, dtype, compiled):
