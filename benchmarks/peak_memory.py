@@ -27,9 +27,14 @@ Models:
 Reported per row: resident size before fit, the peak above it in bytes per
 parameter, the optimizer's state bytes, `(peak - SGD's peak) / state
 bytes`, the excess over the target `state + 2% of the weights`, and the
-median step time. Run time: the default run takes about an hour and a
-half on 2 CPU cores (the transformer 20-50 s per optimizer and width);
-`--short` runs small sizes in about two minutes.
+median step time. A second table splits the run at the end of the first
+step, which builds the state and traces and compiles the train step: what
+that step leaves resident beyond SGD's and the state (a one-off cost),
+and the peak of the later steps above it against SGD's (what each step
+costs). `--tf-allocator-stats` adds the same for TensorFlow's own tensors.
+Run time: the default run takes about an hour and a half on 2 CPU cores
+(the transformer 20-50 s per optimizer and width); `--short` runs small
+sizes in about two minutes.
 
 On TensorFlow, independent ops run in parallel, so the order of
 allocations and the peak vary from run to run (the same SGD run on the
@@ -242,6 +247,58 @@ class StepTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
+def _tf_tensor_stats():
+    """`(current, peak)` bytes of TensorFlow's CPU allocator, or None where
+    it keeps no statistics (only its BFC allocator does:
+    `TF_CPU_ALLOCATOR_USE_BFC=true`, set by `--tf-allocator-stats`)."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    try:
+        info = tf.config.experimental.get_memory_info("CPU:0")
+    except (ValueError, RuntimeError):
+        return None
+    return info["current"], info["peak"]
+
+
+def _tf_tensor_stats_reset() -> None:
+    if _tf_tensor_stats() is not None:
+        import tensorflow as tf
+
+        tf.config.experimental.reset_memory_stats("CPU:0")
+
+
+class FirstStep(keras.callbacks.Callback):
+    """Splits the measurement at the end of the first training step.
+
+    The first step builds the optimizer's state and traces and compiles the
+    train step; what it leaves resident (`resident_after_first`, read after
+    `gc.collect()`) is the state plus whatever the compiled step holds.
+    The peak is then reset, so that the peak at the end of `fit` is that of
+    the later steps alone: each step's own temporaries on top of what stays
+    resident. With TensorFlow's allocator statistics the same split is
+    read for its tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.readings = {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch != 0:
+            return
+        self.readings["first_step_peak"] = _status_kib("VmHWM") * 1024
+        tensors = _tf_tensor_stats()
+        gc.collect()
+        self.readings["resident_after_first"] = _status_kib("VmRSS") * 1024
+        if tensors is not None:
+            self.readings["tf_tensor_peak_first"] = tensors[1]
+            self.readings["tf_tensors_after_first"] = _tf_tensor_stats()[0]
+            _tf_tensor_stats_reset()
+        if not _reset_peak():
+            raise RuntimeError("cannot reset the peak: /proc/self/clear_refs")
+
+
 def _zipf_ids(rng, rows: int, count: int):
     """`count` ids in [0, rows) with Zipf-distributed popularity; which row
     is popular is random, so hot rows are spread over the table."""
@@ -365,8 +422,11 @@ def run_worker(config: dict) -> dict:
     )
     wait_for(model.variables)
     timer = StepTimer()
+    first = FirstStep()
     gc.collect()
     resident_before = _status_kib("VmRSS") * 1024
+    tensors_before = _tf_tensor_stats()
+    _tf_tensor_stats_reset()
     if not _reset_peak():
         raise RuntimeError("cannot reset the peak: /proc/self/clear_refs")
     device_peak = _device_peak_reset()
@@ -377,23 +437,40 @@ def run_worker(config: dict) -> dict:
         epochs=1,
         shuffle=False,
         verbose=0,
-        callbacks=[timer],
+        callbacks=[timer, first],
     )
     wait_for(model.variables + model.optimizer.variables)
-    peak = _status_kib("VmHWM") * 1024
+    steady_peak = _status_kib("VmHWM") * 1024
+    tensors_steady = _tf_tensor_stats()
+    readings = first.readings
+    if not readings:
+        raise RuntimeError("fit ran no step")
+    # The peak over the whole of fit: the first step's or a later one's.
+    peak = max(readings["first_step_peak"], steady_peak)
     # The first steps compile; the median of the rest is the step time.
     steady = timer.seconds[2:] or timer.seconds
-    return {
+    result = {
         "parameters": parameters,
         "weight_bytes": weight_bytes,
         "resident_before": resident_before,
         "peak": peak,
         "peak_above": peak - resident_before,
+        "first_step_peak": readings["first_step_peak"],
+        "resident_after_first": readings["resident_after_first"],
+        "steady_peak": steady_peak,
         "state_bytes": int(optimizer_state_bytes(model.optimizer)),
         "device_peak": None if device_peak is None else int(device_peak()),
         "step_ms": 1000 * statistics.median(steady),
         "steps": len(timer.seconds),
     }
+    if tensors_before is not None:
+        result.update(
+            tf_tensors_before=tensors_before[0],
+            tf_tensors_after_first=readings["tf_tensors_after_first"],
+            tf_tensor_peak=max(readings["tf_tensor_peak_first"], tensors_steady[1]),
+            tf_tensor_peak_steady=tensors_steady[1],
+        )
+    return result
 
 
 # ----------------------------------------------------------------------
@@ -409,6 +486,8 @@ def worker_environment(args) -> dict:
         environment["TF_NUM_INTEROP_THREADS"] = str(args.tf_inter_op_threads)
     if args.mmap_threshold is not None:
         environment["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    if args.tf_allocator_stats:
+        environment["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
     return environment
 
 
@@ -481,10 +560,47 @@ def add_derived(rows: list, baseline_name: str = "sgd") -> None:
         row["excess_fraction"] = (
             over_sgd - row["state_bytes"] - TARGET_WEIGHT_FRACTION * row["weight_bytes"]
         ) / row["weight_bytes"]
+        add_split(row, baseline)
 
 
-def _format(value, pattern: str) -> str:
-    return "-" if value is None else pattern.format(value)
+def add_split(row: dict, baseline: dict) -> None:
+    """The first-step split of `row` beside SGD's (`baseline`): what the
+    first step leaves resident beyond SGD's and the state (a one-off cost,
+    in bytes), and the later steps' peak above that resident size beyond
+    SGD's (a fraction of the weights); the same for TensorFlow's tensors
+    where its allocator statistics were read."""
+    if "resident_after_first" not in row or "resident_after_first" not in baseline:
+        return
+
+    def retained(entry):
+        return entry["resident_after_first"] - entry["resident_before"]
+
+    def steady_above(entry):
+        return entry["steady_peak"] - entry["resident_after_first"]
+
+    row["retained_beyond_state"] = (
+        retained(row) - retained(baseline) - row["state_bytes"]
+    )
+    row["steady_over_sgd_fraction"] = (
+        steady_above(row) - steady_above(baseline)
+    ) / row["weight_bytes"]
+    if "tf_tensor_peak" in row and "tf_tensor_peak" in baseline:
+        row["tf_tensors_retained_beyond_state"] = (
+            row["tf_tensors_after_first"]
+            - row["tf_tensors_before"]
+            - (baseline["tf_tensors_after_first"] - baseline["tf_tensors_before"])
+            - row["state_bytes"]
+        )
+        row["tf_tensor_excess_fraction"] = (
+            row["tf_tensor_peak"]
+            - baseline["tf_tensor_peak"]
+            - row["state_bytes"]
+            - TARGET_WEIGHT_FRACTION * row["weight_bytes"]
+        ) / row["weight_bytes"]
+
+
+def _format(value, pattern: str, scale: float = 1.0, shift: float = 0.0) -> str:
+    return "-" if value is None else pattern.format(value * scale + shift)
 
 
 def table(rows: list) -> str:
@@ -545,6 +661,81 @@ def target_lines(rows: list) -> list:
             f"{abs(excess + TARGET_WEIGHT_FRACTION):.3f} x weights "
             f"(target: state + {TARGET_WEIGHT_FRACTION:.2f} x weights)"
         )
+    return lines
+
+
+def split_table(rows: list) -> list:
+    """Lines of a table of the first-step split (`add_split`), or none
+    where the rows have no split."""
+    shown = [row for row in rows if "retained_beyond_state" in row]
+    if not shown:
+        return []
+    if any("tf_tensor_excess_fraction" in row for row in shown):
+        # TensorFlow's BFC allocator keeps what it frees, so the process's
+        # resident size says little about a step: its tensors only.
+        headers = [
+            "TF tensors after step 1, beyond SGD's and the state (MB)",
+            "TF tensor peak - SGD's peak (MB)",
+            "TF tensor peak - SGD's - state (x weights)",
+        ]
+    else:
+        headers = [
+            "resident after step 1 - before (MB)",
+            "of it, beyond SGD's and the state (MB)",
+            "later steps' peak above it (MB)",
+            "later steps' peak - SGD's (x weights)",
+        ]
+    headers = ["model", "optimizer", *headers]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    # add_split gives these columns only beside an SGD row.
+    baseline = next((row for row in shown if row["optimizer"] == "sgd"), None)
+    for row in shown:
+        cells = [row["model"], OPTIMIZERS[row["optimizer"]][0]]
+        if "tf_tensor_excess_fraction" in row:
+            cells += [
+                f"{row['tf_tensors_retained_beyond_state'] / 2**20:+.0f}",
+                f"{(row['tf_tensor_peak'] - baseline['tf_tensor_peak']) / 2**20:+.0f}",
+                f"{row['tf_tensor_excess_fraction'] + TARGET_WEIGHT_FRACTION:+.3f}",
+            ]
+        elif "tf_tensor_peak" in row:
+            cells += ["-"] * 3
+        else:
+            cells += [
+                f"{(row['resident_after_first'] - row['resident_before']) / 2**20:.0f}",
+                f"{row['retained_beyond_state'] / 2**20:+.0f}",
+                f"{(row['steady_peak'] - row['resident_after_first']) / 2**20:.0f}",
+                f"{row['steady_over_sgd_fraction']:+.3f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def split_target_lines(rows: list) -> list:
+    """PASS / FAIL of the target read on the later steps (peak above the
+    resident size after the first step, against SGD's: at most 2% of the
+    weights) and on TensorFlow's tensors (peak - SGD's: at most the state
+    plus 2% of the weights), for keras_soma's optimizers."""
+    lines = []
+    for row in rows:
+        if row["optimizer"] not in KERAS_SOMA_OPTIMIZERS:
+            continue
+        name = f"{row['model']}, {OPTIMIZERS[row['optimizer']][0]}"
+        steady = row.get("steady_over_sgd_fraction")
+        if steady is not None and "tf_tensor_peak" not in row:
+            verdict = "PASS" if steady <= TARGET_WEIGHT_FRACTION else "FAIL"
+            lines.append(
+                f"- {verdict}  {name}, steps after the first: peak above the "
+                f"resident size after step 1 = SGD's {steady:+.3f} x weights "
+                f"(target: + {TARGET_WEIGHT_FRACTION:.2f})"
+            )
+        tensor = row.get("tf_tensor_excess_fraction")
+        if tensor is not None:
+            verdict = "PASS" if tensor <= 0 else "FAIL"
+            lines.append(
+                f"- {verdict}  {name}, TensorFlow's tensors: peak - SGD's peak = "
+                f"state {tensor + TARGET_WEIGHT_FRACTION:+.3f} x weights "
+                f"(target: state + {TARGET_WEIGHT_FRACTION:.2f} x weights)"
+            )
     return lines
 
 
@@ -737,6 +928,15 @@ def parse_args(argv=None):
         "to the system when freed instead of staying in the heap; default: "
         "glibc's (dynamic, up to 32 MB)",
     )
+    parser.add_argument(
+        "--tf-allocator-stats",
+        action="store_true",
+        help="TensorFlow only: run TensorFlow's BFC allocator on the CPU "
+        "(TF_CPU_ALLOCATOR_USE_BFC=true), which counts the bytes of its "
+        "tensors, and report their peak beside the process's; the BFC "
+        "allocator keeps what it frees, so the process's own figures then "
+        "differ from a default run's",
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     parser.add_argument(
         "--output-dir", default=None, help="write .md, .csv and .png here"
@@ -772,6 +972,11 @@ def parse_args(argv=None):
             parser.error(
                 f"--{name.replace('_', '-')} must be an integer >= 1; received {value}"
             )
+    if args.tf_allocator_stats and keras.backend.backend() != "tensorflow":
+        parser.error(
+            "--tf-allocator-stats reads TensorFlow's allocator: it needs "
+            f"KERAS_BACKEND=tensorflow; received {keras.backend.backend()!r}"
+        )
     if not args.timeout > 0:
         parser.error(f"--timeout must be > 0; received {args.timeout}")
     if not sys.platform.startswith("linux"):
@@ -847,6 +1052,21 @@ def main(argv=None):
         "",
         *target_lines(all_rows),
     ]
+    split = split_table(all_rows)
+    if split:
+        report += [
+            "",
+            "The first step and the later ones (the peak reset after step 1)"
+            + (
+                ", TensorFlow's tensors (its BFC allocator's counts):"
+                if any("tf_tensor_peak" in row for row in all_rows)
+                else ":"
+            ),
+            "",
+            *split,
+            "",
+            *split_target_lines(all_rows),
+        ]
     for model, sweep in sweeps.items():
         if model == "recommender":
             lines = largest_tables(sweep)
