@@ -599,8 +599,8 @@ def add_split(row: dict, baseline: dict) -> None:
         ) / row["weight_bytes"]
 
 
-def _format(value, pattern: str, scale: float = 1.0, shift: float = 0.0) -> str:
-    return "-" if value is None else pattern.format(value * scale + shift)
+def _format(value, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
 
 
 def table(rows: list) -> str:
@@ -670,7 +670,8 @@ def split_table(rows: list) -> list:
     shown = [row for row in rows if "retained_beyond_state" in row]
     if not shown:
         return []
-    if any("tf_tensor_excess_fraction" in row for row in shown):
+    tensors = counts_tensors(shown)
+    if tensors:
         # TensorFlow's BFC allocator keeps what it frees, so the process's
         # resident size says little about a step: its tensors only.
         headers = [
@@ -691,23 +692,30 @@ def split_table(rows: list) -> list:
     baseline = next((row for row in shown if row["optimizer"] == "sgd"), None)
     for row in shown:
         cells = [row["model"], OPTIMIZERS[row["optimizer"]][0]]
-        if "tf_tensor_excess_fraction" in row:
-            cells += [
-                f"{row['tf_tensors_retained_beyond_state'] / 2**20:+.0f}",
-                f"{(row['tf_tensor_peak'] - baseline['tf_tensor_peak']) / 2**20:+.0f}",
-                f"{row['tf_tensor_excess_fraction'] + TARGET_WEIGHT_FRACTION:+.3f}",
-            ]
-        elif "tf_tensor_peak" in row:
-            cells += ["-"] * 3
-        else:
+        if not tensors:
             cells += [
                 f"{(row['resident_after_first'] - row['resident_before']) / 2**20:.0f}",
                 f"{row['retained_beyond_state'] / 2**20:+.0f}",
                 f"{(row['steady_peak'] - row['resident_after_first']) / 2**20:.0f}",
                 f"{row['steady_over_sgd_fraction']:+.3f}",
             ]
+        elif "tf_tensor_excess_fraction" not in row:
+            cells += ["-"] * 3
+        else:
+            over_sgd = row["tf_tensor_peak"] - baseline["tf_tensor_peak"]
+            cells += [
+                f"{row['tf_tensors_retained_beyond_state'] / 2**20:+.0f}",
+                f"{over_sgd / 2**20:+.0f}",
+                f"{row['tf_tensor_excess_fraction'] + TARGET_WEIGHT_FRACTION:+.3f}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def counts_tensors(rows: list) -> bool:
+    """Whether `rows` come from a run with TensorFlow's allocator statistics
+    (`--tf-allocator-stats`), whose split is read on its tensors alone."""
+    return any("tf_tensor_peak" in row for row in rows)
 
 
 def split_target_lines(rows: list) -> list:
@@ -716,12 +724,13 @@ def split_target_lines(rows: list) -> list:
     weights) and on TensorFlow's tensors (peak - SGD's: at most the state
     plus 2% of the weights), for keras_soma's optimizers."""
     lines = []
+    tensors = counts_tensors(rows)
     for row in rows:
         if row["optimizer"] not in KERAS_SOMA_OPTIMIZERS:
             continue
         name = f"{row['model']}, {OPTIMIZERS[row['optimizer']][0]}"
         steady = row.get("steady_over_sgd_fraction")
-        if steady is not None and "tf_tensor_peak" not in row:
+        if steady is not None and not tensors:
             verdict = "PASS" if steady <= TARGET_WEIGHT_FRACTION else "FAIL"
             lines.append(
                 f"- {verdict}  {name}, steps after the first: peak above the "
@@ -1059,7 +1068,7 @@ def main(argv=None):
             "The first step and the later ones (the peak reset after step 1)"
             + (
                 ", TensorFlow's tensors (its BFC allocator's counts):"
-                if any("tf_tensor_peak" in row for row in all_rows)
+                if counts_tensors(all_rows)
                 else ":"
             ),
             "",
