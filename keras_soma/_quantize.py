@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 
+import keras
 from keras import ops
 
 CODE_MAX = 127
@@ -90,13 +91,65 @@ def quantize_blockwise(values, block_size: int, uniform=None, code: str = "sqrt"
         `(codes, scales)`: int8 codes of the shape of `values` and float32
         scales of shape `[block_count(size, block_size)]`.
     """
-    shape = tuple(values.shape)
+    blocked = _blocked(_finite_float32(values), block_size)
+    absmax = block_absmax(blocked)
+    scales = ops.where(ops.greater(absmax, 0.0), absmax, ops.ones_like(absmax))
+    codes = encode_blocks(blocked, scales, uniform, code)
+    return _unblocked(codes, tuple(values.shape)), scales
+
+
+# How many times `block_absmax` folds the rows before XLA's reduction: 2
+# or 3 made TensorFlow's int8 Soma step about 1.7 times faster than one
+# plain reduction, 4 did not (XLA's fusion changes), at block sizes 256
+# and 64 (`python benchmarks/int8_step_parts.py --halvings 0 2 3 4`, and
+# with `--block-size 64`; the Performance page has the tables); 3 leaves
+# the smaller temporary (tests/registry.py, the int8 rows).
+ABSMAX_HALVINGS = 3
+
+
+def block_absmax(blocked):
+    """The largest magnitude of each row of `blocked` (`[blocks,
+    block_size]`, no NaN).
+
+    On the XLA backends (TensorFlow, JAX) each row is first folded onto
+    itself `ABSMAX_HALVINGS` times (the element-wise maximum of its two
+    halves), which XLA fuses into one loop with the values' producer,
+    and only the remaining eighth is left to a reduction: XLA on CPU does
+    not fuse a reduction with its producer (it writes `|values|` out
+    whole first) and runs a row reduction nearly element by element. A
+    maximum is exact in any order, so the result is the same.
+    """
+    magnitudes = ops.abs(blocked)
+    if keras.backend.backend() in ("tensorflow", "jax"):
+        for _ in range(ABSMAX_HALVINGS):
+            if magnitudes.shape[1] % 2:
+                break
+            half = magnitudes.shape[1] // 2
+            magnitudes = ops.maximum(magnitudes[:, :half], magnitudes[:, half:])
+    return ops.max(magnitudes, axis=1)
+
+
+def quantize_with_scales(values, scales, block_size: int, code: str = "sqrt"):
+    """int8 codes of `values` with the given block `scales` rather than
+    each block's largest magnitude (nearest rounding; an element beyond
+    its block's scale saturates at +-127). Not a format of its own: what
+    `quantize_blockwise` does after its block maximum, for
+    `benchmarks/int8_step_parts.py`, which times the two apart."""
+    blocked = _blocked(_finite_float32(values), block_size)
+    return _unblocked(encode_blocks(blocked, scales, None, code), tuple(values.shape))
+
+
+def _finite_float32(values):
+    """`values` in float32 with NaN as 0 and +-Inf as +-float32's largest."""
     values = ops.cast(values, "float32")
     values = ops.where(ops.isnan(values), ops.zeros_like(values), values)
-    values = ops.clip(values, -FLOAT32_MAX, FLOAT32_MAX)
-    blocked = _blocked(values, block_size)
-    absmax = ops.max(ops.abs(blocked), axis=1)
-    scales = ops.where(ops.greater(absmax, 0.0), absmax, ops.ones_like(absmax))
+    return ops.clip(values, -FLOAT32_MAX, FLOAT32_MAX)
+
+
+def encode_blocks(blocked, scales, uniform=None, code: str = "sqrt"):
+    """int8 codes of `blocked` (float32, `[blocks, block_size]`, finite)
+    with the block `scales` (float32, `[blocks]`, never 0; an element
+    beyond its block's scale saturates at +-127)."""
     # value / scale lies in [-1, 1] (the block's largest element gives
     # exactly +-1), so neither the division nor the product can overflow.
     # XLA may divide by multiplying with the reciprocal, which flushes to 0
@@ -117,7 +170,7 @@ def quantize_blockwise(values, block_size: int, uniform=None, code: str = "sqrt"
     else:
         codes = ops.floor(ops.add(scaled, uniform))
     codes = ops.cast(ops.clip(codes, -CODE_MAX, CODE_MAX), "int8")
-    return _unblocked(codes, shape), scales
+    return codes
 
 
 def dequantize_blockwise(codes, scales, block_size: int, code: str = "sqrt"):

@@ -74,3 +74,38 @@ def test_int8_state_survives_keras_save_and_load(optimizer_class, tmp_path):
                 to_numpy(loaded[name]), to_numpy(original[name])
             )
             assert to_numpy(original[name]).any(), name
+
+
+def test_quantize_with_scales_is_quantize_blockwise_after_its_maximum():
+    """`quantize_with_scales` (what `benchmarks/int8_step_parts.py` times
+    without the block maximum) rounds as `quantize_blockwise` given the
+    blocks' own maxima, and saturates at +-127 against smaller scales."""
+    from keras_soma import _quantize
+
+    rng = np.random.default_rng(2)
+    values = rng.standard_normal((3, 40)).astype(np.float32)
+    values[0, 3] = np.nan
+    for code in _quantize.CODES:
+        codes, scales = _quantize.quantize_blockwise(values, 16, code=code)
+        again = _quantize.quantize_with_scales(values, scales, 16, code=code)
+        np.testing.assert_array_equal(to_numpy(again), to_numpy(codes))
+        halved = to_numpy(
+            _quantize.quantize_with_scales(values, scales / 2, 16, code=code)
+        )
+        assert np.abs(halved).max() == 127
+        assert np.all(np.abs(halved) >= np.abs(to_numpy(codes)))
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 6, 8, 12, 64, 256])
+def test_block_absmax_is_each_blocks_largest_magnitude(block_size):
+    """`block_absmax` folds rows onto themselves on the XLA backends
+    before reducing; its result is the plain maximum whatever the block
+    size (odd, or not a power of two, where folding stops early)."""
+    from keras_soma import _quantize
+
+    rng = np.random.default_rng(block_size)
+    blocked = rng.standard_normal((5, block_size)).astype(np.float32)
+    blocked[1] = -np.abs(blocked[1])  # a block of negatives only
+    blocked[2] = 0.0
+    got = to_numpy(_quantize.block_absmax(keras.ops.convert_to_tensor(blocked)))
+    np.testing.assert_array_equal(got, np.abs(blocked).max(axis=1))

@@ -71,3 +71,88 @@ def test_torch_floor_runs_eagerly():
     # The same counter sees a torch.compile'd function, so the check can fail.
     torch.compile(floor)()
     assert torch._dynamo.utils.counters["frames"]["total"] > 0
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the parts are TensorFlow's")
+def test_int8_step_parts_composed_step_is_the_library_step():
+    """The composed int8 step `int8_step_parts.py` times against its parts
+    is the library's: one step of each from the same start leaves the
+    same variables and the same codes and scales."""
+    import int8_step_parts
+
+    import keras_soma
+
+    shapes = [(4, 128), (2, 256)]
+    variables, gradients = step_speed.make_problem(shapes, "float32", seed=5)
+    twins = [keras.Variable(keras.ops.convert_to_numpy(v.value)) for v in variables]
+    functions, codes, scales = int8_step_parts.parts(variables, gradients, 128)
+    functions["int8 step, composed (dequantize, update, quantize)"]()
+    optimizer = keras_soma.Soma(
+        learning_rate=int8_step_parts.LEARNING_RATE,
+        momentum=int8_step_parts.MOMENTUM,
+        momentum_dtype="int8",
+        block_size=128,
+    )
+    optimizer.build(twins)
+    step_speed.tensorflow_step(optimizer, twins, gradients, xla=False)()
+    for value, twin in zip(variables, twins):
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(value.value),
+            keras.ops.convert_to_numpy(twin.value),
+        )
+    for code, scale, twin in zip(codes, scales, twins):
+        slots = optimizer.get_slots(twin)
+        assert np.any(code.numpy() != 0)
+        for got, name in ((code, "momentum"), (scale, "momentum_scale")):
+            np.testing.assert_array_equal(
+                got.numpy(), keras.ops.convert_to_numpy(slots[name].value)
+            )
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the parts are TensorFlow's")
+def test_int8_step_parts_short_run_writes_every_row(tmp_path):
+    import int8_step_parts
+
+    output = tmp_path / "parts.md"
+    ratios = int8_step_parts.main(
+        [
+            "--rows",
+            "64",
+            "--columns",
+            "64",
+            "--variables",
+            "2",
+            "--steps",
+            "2",
+            "--repeats",
+            "2",
+            "--output",
+            str(output),
+        ]
+    )
+    assert len(ratios) == 7
+    assert ratios["Soma float32, the library's step"] == 1.0
+    assert all(np.isfinite(ratio) and ratio > 0 for ratio in ratios.values())
+    text = output.read_text()
+    for name in ratios:
+        assert f"| {name} |" in text, text
+    assert "Produced by `python benchmarks/int8_step_parts.py --rows 64" in text
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--rows", "0"], "--rows must be an integer >= 1; received 0"),
+        (["--block-size", "-2"], "--block-size must be an integer >= 1; received -2"),
+        (
+            ["--rows", "3", "--columns", "5", "--block-size", "4"],
+            "must be a multiple of --block-size",
+        ),
+    ],
+)
+def test_int8_step_parts_bad_arguments_are_named(arguments, message, capsys):
+    import int8_step_parts
+
+    with pytest.raises(SystemExit):
+        int8_step_parts.parse_args(arguments)
+    assert message in capsys.readouterr().err
