@@ -97,6 +97,10 @@ OPTIMIZERS = {
         "Soma bf16 state",
         lambda: keras_soma.Soma(momentum_dtype="bfloat16"),
     ),
+    "soma-int8": (
+        "Soma int8 state",
+        lambda: keras_soma.Soma(momentum_dtype="int8"),
+    ),
     "soma-lazy": ("Soma lazy rows", lambda: keras_soma.Soma(lazy_sparse_updates=True)),
     "soma-unfused": ("Soma, fused=False", lambda: keras_soma.Soma(fused=False)),
     "soma-accum4": (
@@ -110,11 +114,16 @@ OPTIMIZERS = {
     ),
     "sm3-m0": ("SM3 momentum=0", lambda: keras_soma.SM3(momentum=0.0)),
     "sm3": ("SM3 momentum=0.9", keras_soma.SM3),
+    "sm3-int8": (
+        "SM3 momentum=0.9 int8",
+        lambda: keras_soma.SM3(momentum_dtype="int8"),
+    ),
 }
 # keras_soma's optimizers, whose targets are checked.
 KERAS_SOMA_OPTIMIZERS = [
     "soma",
     "soma-bf16",
+    "soma-int8",
     "soma-lazy",
     "soma-unfused",
     "soma-accum4",
@@ -122,6 +131,7 @@ KERAS_SOMA_OPTIMIZERS = [
     "gradsign-lazy",
     "sm3-m0",
     "sm3",
+    "sm3-int8",
 ]
 # Lazy row paths: below 2% of the weights above their state at any size.
 LAZY_OPTIMIZERS = ["soma-lazy", "gradsign-lazy", "sm3-m0", "sm3"]
