@@ -88,17 +88,17 @@ def parse_args(argv=None):
     )
     parser.add_argument("--output", default=None, help="also write a Markdown file")
     args = parser.parse_args(argv)
-    for value in args.halvings:
-        if value < 0 or 2**value > args.block_size:
-            parser.error(
-                "--halvings must be integers from 0 to log2(--block-size) = "
-                f"{args.block_size.bit_length() - 1}; received {args.halvings}"
-            )
     for name in ("rows", "columns", "variables", "block_size", "steps", "repeats"):
         value = getattr(args, name)
         if value < 1:
             parser.error(
                 f"--{name.replace('_', '-')} must be an integer >= 1; received {value}"
+            )
+    for value in args.halvings:
+        if value < 0 or 2**value > args.block_size:
+            parser.error(
+                "--halvings must be integers from 0 to log2(--block-size) = "
+                f"{args.block_size.bit_length() - 1}; received {args.halvings}"
             )
     if (args.rows * args.columns) % args.block_size:
         parser.error(
@@ -121,10 +121,13 @@ def library_step(factory, variables, gradients):
     return step_speed.tensorflow_step(optimizer, variables, gradients, xla=False)
 
 
-def parts(variables, gradients, block_size: int):
+def parts(variables, gradients, block_size: int, halvings=()):
     """The int8 step's parts, each an XLA kernel over every variable, and
     the int8 state they work on: `(functions, codes, scales)`, the state
-    starting at zero as an optimizer's does."""
+    starting at zero as an optimizer's does. For each count in
+    `halvings`, the composed step with `block_absmax` folding its rows
+    that many times (the setting is read when the step is traced, on its
+    first call)."""
     import tensorflow as tf
 
     codes, scales = [], []
@@ -134,21 +137,21 @@ def parts(variables, gradients, block_size: int):
         codes.append(tf.Variable(code_values))
         scales.append(tf.Variable(scale_values))
 
-    def step(quantize):
+    def step(quantize, code="sqrt"):
         @tf.function(jit_compile=True)
         def run():
-            for variable, gradient, code, scale in zip(
+            for variable, gradient, code_state, scale in zip(
                 variables, gradients, codes, scales
             ):
                 average = _quantize.dequantize_blockwise(
-                    code, scale, block_size, quantize.code
+                    code_state, scale, block_size, code
                 )
                 new_value, average = soma_update(
                     variable, gradient, average, LEARNING_RATE, MOMENTUM
                 )
                 variable.assign(new_value)
                 new_codes, new_scales = quantize(average, scale)
-                code.assign(new_codes)
+                code_state.assign(new_codes)
                 if new_scales is not None:
                     scale.assign(new_scales)
 
@@ -164,10 +167,20 @@ def parts(variables, gradients, block_size: int):
                 None,
             )
 
-        quantize.code = code
         return quantize
 
-    with_maximum.code = "sqrt"
+    def folded(count):
+        composed = step(with_maximum)
+
+        def run():
+            library_setting = _quantize.ABSMAX_HALVINGS
+            _quantize.ABSMAX_HALVINGS = count
+            try:
+                return composed()
+            finally:
+                _quantize.ABSMAX_HALVINGS = library_setting
+
+        return run
 
     @tf.function(jit_compile=True)
     def maximum_alone():
@@ -184,32 +197,15 @@ def parts(variables, gradients, block_size: int):
     functions = {
         "int8 step, composed (dequantize, update, quantize)": step(with_maximum),
         "the same, scales kept (no block maximum)": step(kept("sqrt")),
-        "the same, scales kept, linear code": step(kept("linear")),
+        "the same, scales kept, linear code": step(kept("linear"), "linear"),
         "block maximum alone": maximum_alone,
         "floor of int8 state (a copy of its bytes)": step_speed.tensorflow_floor(
             state, variables, gradients
         ),
     }
+    for count in halvings:
+        functions[f"the composed step, rows folded {count} times"] = folded(count)
     return functions, codes, scales
-
-
-def folded(halvings: int, variables, gradients, block_size: int):
-    """The composed int8 step traced with `block_absmax` folding its rows
-    `halvings` times (the setting is read when the step is traced, on
-    its first call)."""
-    step = parts(variables, gradients, block_size)[0][
-        "int8 step, composed (dequantize, update, quantize)"
-    ]
-
-    def run():
-        library_setting = _quantize.ABSMAX_HALVINGS
-        _quantize.ABSMAX_HALVINGS = halvings
-        try:
-            return step()
-        finally:
-            _quantize.ABSMAX_HALVINGS = library_setting
-
-    return run
 
 
 def measure(args):
@@ -230,11 +226,7 @@ def measure(args):
             gradients,
         ),
     }
-    functions.update(parts(variables, gradients, args.block_size)[0])
-    for halvings in args.halvings:
-        functions[f"the composed step, rows folded {halvings} times"] = folded(
-            halvings, variables, gradients, args.block_size
-        )
+    functions.update(parts(variables, gradients, args.block_size, args.halvings)[0])
     return step_speed.time_interleaved(functions, args.steps, args.repeats)
 
 

@@ -113,8 +113,9 @@ def block_absmax(blocked):
 
     On the XLA backends (TensorFlow, JAX) each row is first folded onto
     itself `ABSMAX_HALVINGS` times (the element-wise maximum of its two
-    halves), which XLA fuses into one loop with the values' producer,
-    and only the remaining eighth is left to a reduction: XLA on CPU does
+    halves; folding stops at an odd width), which XLA fuses into one loop
+    with the values' producer, and only what remains (an eighth, for a
+    block size divisible by 8) is left to a reduction: XLA on CPU does
     not fuse a reduction with its producer (it writes `|values|` out
     whole first) and runs a row reduction nearly element by element. A
     maximum is exact in any order, so the result is the same.
