@@ -46,10 +46,9 @@ def chunks(*tensors):
     `CHUNK` elements at a time: views, so that in-place ops on a piece
     write the tensor. The tensors written in place (variables and state)
     are contiguous; a gradient that is not is copied once, flat."""
-    flats = [flat(tensor) for tensor in tensors]
-    count = flats[0].numel()
-    for start in range(0, count, CHUNK):
-        yield [piece[start : start + CHUNK] for piece in flats]
+    # `split` makes every piece's view in one call: slicing them one by one
+    # in Python cost about a tenth of GradSign's step.
+    return zip(*(flat(tensor).split(CHUNK) for tensor in tensors))
 
 
 def flat(tensor):
@@ -73,9 +72,10 @@ class Scratch:
         default its own): the same memory on every call with that dtype
         and `key` (grown where a larger one is asked for); another `key`
         gives a second buffer of the same dtype."""
-        count = int(tensor.numel())
+        count = tensor.numel()
         buffer = self.flat(count, dtype or tensor.dtype, tensor.device, key)
-        return buffer.view(tensor.shape)
+        # A step's chunks are flat and mostly of one size: no view to make.
+        return buffer if tensor.dim() == 1 else buffer.view(tensor.shape)
 
     def flat(self, count: int, dtype, device, key=0):
         """An uninitialized flat tensor of `count` elements (see `like`)."""
@@ -83,7 +83,7 @@ class Scratch:
         if buffer is None or buffer.numel() < count:
             buffer = torch.empty(count, dtype=dtype, device=device)
             self._buffers[(dtype, key)] = buffer
-        return buffer[:count]
+        return buffer if buffer.numel() == count else buffer[:count]
 
 
 def decay(value, rate) -> None:
