@@ -119,6 +119,41 @@ def test_tensorflow_allocator_counts_the_state_as_tensors(tmp_path):
     assert "tf_tensor_excess_fraction" in soma
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="TensorFlow's allocator"
+)
+def test_tf_allocator_slack_counts_at_least_the_state(tmp_path):
+    """`tf_allocator_slack.py` builds each optimizer's state alone, in a
+    process with TensorFlow's BFC allocator: BFC counts at least the
+    state's bytes for it, and the table names each optimizer."""
+    import tf_allocator_slack
+
+    output = tmp_path / "slack.md"
+    results = tf_allocator_slack.main(
+        ["--short", "--optimizers", "soma", "gradsign", "--output", str(output)]
+    )
+    assert set(results) == {"soma", "gradsign"}
+    for measured in results.values():
+        assert measured["state"] > 0, measured
+        assert measured["largest"] <= measured["state"], measured
+        assert measured["counted"] >= measured["state"], measured
+    # GradSign's int8 counters are a quarter of Soma's float32 average.
+    assert results["gradsign"]["state"] * 4 == results["soma"]["state"]
+    text = output.read_text()
+    assert "| Soma | " in text and "| GradSign | " in text, text
+    assert "Produced by `python benchmarks/tf_allocator_slack.py --short" in text
+
+
+def test_tf_allocator_slack_refuses_other_backends(capsys):
+    if keras.backend.backend() == "tensorflow":
+        pytest.skip("the refusal is for the other backends")
+    import tf_allocator_slack
+
+    with pytest.raises(SystemExit):
+        tf_allocator_slack.parse_args([])
+    assert "TensorFlow's allocator only" in capsys.readouterr().err
+
+
 def test_a_configuration_that_cannot_fit_is_reported():
     config = {
         "model": "recommender",
