@@ -1,20 +1,26 @@
 """Reporting shared by the benchmark scripts: Markdown tables, the line that
 says which command produced them, ratios of interleaved timings, and
-writing a report both to the terminal and to a Markdown file.
+writing a report both to the terminal and to a Markdown file, and running
+a measurement in a fresh process.
 
-Formatting only: nothing here measures anything.
+Nothing here measures anything itself.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 from collections.abc import Sequence
 
 import keras
+
+# How a worker process's result line starts (`run_fresh`, `print_result`).
+RESULT_PREFIX = "RESULT "
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -73,3 +79,32 @@ class Report:
         if path:
             with open(path, "w") as handle:
                 handle.write("\n".join(self.lines) + "\n")
+
+
+def run_fresh(script: str, config: dict, environment=None) -> dict:
+    """Runs `script --worker CONFIG` (`config` as JSON) in a fresh Python
+    process, with `environment` (default: this one's), and returns the
+    dict its worker printed with `print_result`; a worker that printed
+    none raises, with the last line of its error output."""
+    environment = dict(os.environ if environment is None else environment)
+    environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    result = subprocess.run(
+        [sys.executable, script, "--worker", json.dumps(config)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=False,
+    )
+    for line in result.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :])
+    lines = (result.stderr or "no output").strip().splitlines()
+    raise RuntimeError(
+        f"{os.path.basename(script)} worker {config} failed "
+        f"(exit {result.returncode}): {lines[-1][:300]}"
+    )
+
+
+def print_result(result: dict) -> None:
+    """Prints a worker's `result` for `run_fresh` to read."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)

@@ -60,15 +60,15 @@ def parse_args(argv=None):
     return args
 
 
-def step_buffers(optimizer_name: str, rows: int) -> dict:
-    """XLA's buffer sizes (bytes) for the compiled train step of the
-    recommender with `rows` rows, and its parameter count."""
+def lowered_step(optimizer_name: str, case: tuple):
+    """Keras's JAX train step for `case` (`peak_memory.build_case`'s
+    tuple) with `optimizer_name`'s state built, jitted with the state
+    donated as Keras does and lowered for one batch (not compiled)."""
     import jax
 
-    model, x, y, batch_size, loss = peak_memory.build_case(
-        "recommender", peak_memory.SHORT, rows
-    )
+    model, x, y, batch_size, loss = case
     model.compile(optimizer=peak_memory.OPTIMIZERS[optimizer_name][1](), loss=loss)
+    model(peak_memory.take(x, 1))
     model.optimizer.build(model.trainable_variables)
     state = (
         [v.value for v in model.trainable_variables],
@@ -76,9 +76,17 @@ def step_buffers(optimizer_name: str, rows: int) -> dict:
         [v.value for v in model.optimizer.variables],
         [v.value for v in model.metrics_variables],
     )
-    data = (x[:batch_size], y[:batch_size])
-    step = jax.jit(model.train_step, donate_argnums=0)
-    analysis = step.lower(state, data).compile().memory_analysis()
+    data = (peak_memory.take(x, batch_size), y[:batch_size])
+    return model, jax.jit(model.train_step, donate_argnums=0).lower(state, data)
+
+
+def step_buffers(optimizer_name: str, rows: int) -> dict:
+    """XLA's buffer sizes (bytes) for the compiled train step of the
+    recommender with `rows` rows, and its parameter count."""
+    model, lowered = lowered_step(
+        optimizer_name, peak_memory.build_case("recommender", peak_memory.SHORT, rows)
+    )
+    analysis = lowered.compile().memory_analysis()
     return {
         "parameters": model.count_params(),
         "temporary": analysis.temp_size_in_bytes,

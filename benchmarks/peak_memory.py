@@ -407,6 +407,14 @@ def build_case(
     raise ValueError(f"unknown model {model_name!r}")
 
 
+def take(x, count: int):
+    """The first `count` examples of a case's inputs (an array, or a dict
+    of arrays for the transformer)."""
+    if isinstance(x, dict):
+        return {key: value[:count] for key, value in x.items()}
+    return x[:count]
+
+
 def run_worker(config: dict) -> dict:
     """Builds one case, trains one epoch and returns the measurements."""
     size = config["size"]
@@ -416,10 +424,7 @@ def run_worker(config: dict) -> dict:
     optimizer = OPTIMIZERS[config["optimizer"]][1]()
     model.compile(optimizer=optimizer, loss=loss)
     # Build the layers (the weights) before the measurement starts.
-    first = (
-        {key: value[:1] for key, value in x.items()} if isinstance(x, dict) else x[:1]
-    )
-    model(first)
+    model(take(x, 1))
     parameters = int(
         sum(int(np.prod(variable.shape)) for variable in model.trainable_variables)
     )

@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 
 import keras
@@ -71,7 +70,7 @@ def state_build(name: str, short: bool) -> dict:
     (run in a process whose BFC allocator is on)."""
     size = peak_memory.SHORT if short else peak_memory.DEFAULTS
     model, x, _, _, _ = peak_memory.build_case("transformer", size, 0, 0, None)
-    model({key: value[:1] for key, value in x.items()})
+    model(peak_memory.take(x, 1))
     optimizer = peak_memory.OPTIMIZERS[name][1]()
     gc.collect()
     counted_before = peak_memory._tf_tensor_stats()[0]
@@ -95,21 +94,11 @@ def state_build(name: str, short: bool) -> dict:
 
 def run(name: str, short: bool) -> dict:
     """`state_build` in a fresh process with TensorFlow's BFC allocator."""
-    environment = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true")
-    environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    worker = json.dumps({"name": name, "short": short})
-    result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", worker],
-        capture_output=True,
-        text=True,
-        env=environment,
-        check=False,
+    return _report.run_fresh(
+        os.path.abspath(__file__),
+        {"name": name, "short": short},
+        dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true"),
     )
-    for line in result.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    lines = (result.stderr or "no output").strip().splitlines()
-    raise RuntimeError(f"{name}: the worker failed: {lines[-1][:300]}")
 
 
 def main(argv=None):
@@ -118,7 +107,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         config = json.loads(args.worker)
-        print("RESULT " + json.dumps(state_build(config["name"], config["short"])))
+        _report.print_result(state_build(config["name"], config["short"]))
         return
     report = _report.Report()
     command = _report.command_line("benchmarks/tf_allocator_slack.py", argv)

@@ -316,6 +316,40 @@ def test_jax_step_buffers_reads_xla_assignment(tmp_path):
     )
 
 
+def test_jax_compile_memory_reads_the_compile_alone(tmp_path):
+    """`jax_compile_memory.py` compiles Keras's JAX train step in a fresh
+    process per optimizer: the compile raises the peak, what it keeps is
+    within its peak, and SGD's row is the baseline of the difference."""
+    if keras.backend.backend() != "jax":
+        pytest.skip("JAX backend only")
+    import jax_compile_memory
+
+    output = tmp_path / "compile.md"
+    results = jax_compile_memory.main(
+        ["--short", "--optimizers", "sgd", "soma", "--output", str(output)]
+    )
+    assert set(results) == {"sgd", "soma"}
+    for measured in results.values():
+        assert measured["compile_peak"] > 0, measured
+        assert measured["kept"] <= measured["compile_peak"], measured
+        assert measured["temporary"] > 0, measured
+    assert results["sgd"]["state"] == 0
+    assert results["soma"]["state"] == 4 * results["soma"]["parameters"]
+    text = output.read_text()
+    assert "| Keras SGD | " in text and "| +0 |" in text, text
+    assert "KERAS_BACKEND=jax python benchmarks/jax_compile_memory.py --short" in text
+
+
+def test_jax_compile_memory_refuses_other_backends(capsys):
+    if keras.backend.backend() == "jax":
+        pytest.skip("the refusal is for the other backends")
+    import jax_compile_memory
+
+    with pytest.raises(SystemExit):
+        jax_compile_memory.parse_args([])
+    assert "run with KERAS_BACKEND=jax" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
