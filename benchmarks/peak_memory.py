@@ -113,6 +113,10 @@ OPTIMIZERS = {
         lambda: keras_soma.GradSign(lazy_sparse_updates=True),
     ),
     "sm3-m0": ("SM3 momentum=0", lambda: keras_soma.SM3(momentum=0.0)),
+    "sm3-m0-unblocked": (
+        "SM3 momentum=0 blocked=False",
+        lambda: keras_soma.SM3(momentum=0.0, blocked=False),
+    ),
     "sm3": ("SM3 momentum=0.9", keras_soma.SM3),
     "sm3-int8": (
         "SM3 momentum=0.9 int8",
