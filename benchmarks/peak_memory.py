@@ -411,6 +411,29 @@ def build_case(
     raise ValueError(f"unknown model {model_name!r}")
 
 
+def add_state_arguments(parser, default_optimizers) -> None:
+    """The arguments of the scripts that build this benchmark's transformer
+    and an optimizer's state in a fresh process per optimizer
+    (`tf_allocator_slack.py`, `jax_compile_memory.py`): `--optimizers`
+    (rows of `OPTIMIZERS`), `--short`, `--output` and the hidden
+    `--worker`."""
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=default_optimizers,
+        choices=sorted(OPTIMIZERS),
+        metavar="NAME",
+        help=f"rows of peak_memory.py (default: {' '.join(default_optimizers)})",
+    )
+    parser.add_argument(
+        "--short",
+        action="store_true",
+        help="peak_memory.py's short transformer (seconds; for tests)",
+    )
+    parser.add_argument("--output", help="also write the table to this Markdown file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
 def take(x, count: int):
     """The first `count` examples of a case's inputs (an array, or a dict
     of arrays for the transformer)."""

@@ -40,21 +40,7 @@ MIB = 2**20
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--optimizers",
-        nargs="+",
-        default=DEFAULT_OPTIMIZERS,
-        choices=sorted(peak_memory.OPTIMIZERS),
-        metavar="NAME",
-        help=f"rows of peak_memory.py (default: {' '.join(DEFAULT_OPTIMIZERS)})",
-    )
-    parser.add_argument(
-        "--short",
-        action="store_true",
-        help="peak_memory.py's short transformer (seconds; for tests)",
-    )
-    parser.add_argument("--output", help="also write the table to this Markdown file")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    peak_memory.add_state_arguments(parser, DEFAULT_OPTIMIZERS)
     args = parser.parse_args(argv)
     if keras.backend.backend() != "tensorflow":
         parser.error(

@@ -144,16 +144,6 @@ def test_tf_allocator_slack_counts_at_least_the_state(tmp_path):
     assert "Produced by `python benchmarks/tf_allocator_slack.py --short" in text
 
 
-def test_tf_allocator_slack_refuses_other_backends(capsys):
-    if keras.backend.backend() == "tensorflow":
-        pytest.skip("the refusal is for the other backends")
-    import tf_allocator_slack
-
-    with pytest.raises(SystemExit):
-        tf_allocator_slack.parse_args([])
-    assert "TensorFlow's allocator only" in capsys.readouterr().err
-
-
 def test_a_configuration_that_cannot_fit_is_reported():
     config = {
         "model": "recommender",
@@ -340,14 +330,20 @@ def test_jax_compile_memory_reads_the_compile_alone(tmp_path):
     assert "KERAS_BACKEND=jax python benchmarks/jax_compile_memory.py --short" in text
 
 
-def test_jax_compile_memory_refuses_other_backends(capsys):
-    if keras.backend.backend() == "jax":
+@pytest.mark.parametrize(
+    "script, backend, message",
+    [
+        ("tf_allocator_slack", "tensorflow", "TensorFlow's allocator only"),
+        ("jax_compile_memory", "jax", "run with KERAS_BACKEND=jax"),
+    ],
+)
+def test_one_backend_scripts_refuse_the_others(script, backend, message, capsys):
+    if keras.backend.backend() == backend:
         pytest.skip("the refusal is for the other backends")
-    import jax_compile_memory
-
+    module = __import__(script)
     with pytest.raises(SystemExit):
-        jax_compile_memory.parse_args([])
-    assert "run with KERAS_BACKEND=jax" in capsys.readouterr().err
+        module.parse_args([])
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
