@@ -98,7 +98,7 @@ def run_fresh(script: str, config: dict, environment=None) -> dict:
     for line in result.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX) :])
-    lines = (result.stderr or "no output").strip().splitlines()
+    lines = (result.stderr or "").strip().splitlines() or ["no output"]
     raise RuntimeError(
         f"{os.path.basename(script)} worker {config} failed "
         f"(exit {result.returncode}): {lines[-1][:300]}"

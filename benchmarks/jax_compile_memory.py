@@ -57,6 +57,9 @@ def compile_memory(name: str, short: bool) -> dict:
     size = peak_memory.SHORT if short else peak_memory.DEFAULTS
     case = peak_memory.build_case("transformer", size, 0)
     model, lowered = jax_step_buffers.lowered_step(name, case)
+    # JAX initializes the weights and the state asynchronously: wait, so
+    # that none of it lands in the compile's figures.
+    peak_memory.wait_for(model.variables + model.optimizer.variables)
     gc.collect()
     resident_before = peak_memory._status_kib("VmRSS") * 1024
     if not peak_memory._reset_peak():

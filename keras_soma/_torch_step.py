@@ -48,7 +48,7 @@ def chunks(*tensors):
     are contiguous; a gradient that is not is copied once, flat."""
     # `split` makes every piece's view in one call: slicing them one by one
     # in Python cost about a tenth of GradSign's step.
-    return zip(*(flat(tensor).split(CHUNK) for tensor in tensors))
+    return zip(*(flat(tensor).split(CHUNK) for tensor in tensors), strict=True)
 
 
 def flat(tensor):
