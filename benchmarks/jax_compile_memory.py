@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 
@@ -62,8 +61,7 @@ def compile_memory(name: str, short: bool) -> dict:
     peak_memory.wait_for(model.variables + model.optimizer.variables)
     gc.collect()
     resident_before = peak_memory._status_kib("VmRSS") * 1024
-    if not peak_memory._reset_peak():
-        raise RuntimeError("cannot reset the peak: /proc/self/clear_refs")
+    peak_memory._reset_peak()
     compiled = lowered.compile()
     peak = peak_memory._status_kib("VmHWM") * 1024
     gc.collect()
@@ -80,9 +78,10 @@ def main(argv=None):
     """Prints (and with `--output` writes) the table; returns each
     optimizer's measurements in bytes (`compile_memory`'s dict)."""
     args = parse_args(argv)
-    if args.worker:
-        config = json.loads(args.worker)
-        _report.print_result(compile_memory(config["name"], config["short"]))
+    results = peak_memory.run_state_workers(
+        args, os.path.abspath(__file__), compile_memory
+    )
+    if results is None:
         return None
     report = _report.Report()
     command = _report.command_line("benchmarks/jax_compile_memory.py", argv)
@@ -94,12 +93,6 @@ def main(argv=None):
             "just before), a fresh process each.\n",
         )
     )
-    results = {}
-    for name in args.optimizers:
-        results[name] = _report.run_fresh(
-            os.path.abspath(__file__), {"name": name, "short": args.short}
-        )
-        print(f"  {name}: compiled", flush=True)
     baseline = results.get("sgd")
     rows = []
     for name, measured in results.items():

@@ -73,6 +73,9 @@ import numpy as np  # noqa: E402
 import keras_soma  # noqa: E402
 from keras_soma.memory import optimizer_state_bytes  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _report  # noqa: E402
+
 # Above its state, an optimizer may peak this fraction of the weights'
 # bytes higher than Keras SGD (which keeps no state) does.
 TARGET_WEIGHT_FRACTION = 0.02
@@ -196,13 +199,13 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
-def _reset_peak() -> bool:
+def _reset_peak() -> None:
+    """Resets the process's peak resident size (VmHWM), or raises."""
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
-        return True
-    except OSError:
-        return False
+    except OSError as error:
+        raise RuntimeError("cannot reset the peak: /proc/self/clear_refs") from error
 
 
 def _device_peak_reset():
@@ -309,8 +312,7 @@ class FirstStep(keras.callbacks.Callback):
             self.readings["tf_tensor_peak_first"] = tensors[1]
             self.readings["tf_tensors_after_first"] = _tf_tensor_stats()[0]
             _tf_tensor_stats_reset()
-        if not _reset_peak():
-            raise RuntimeError("cannot reset the peak: /proc/self/clear_refs")
+        _reset_peak()
 
 
 def _zipf_ids(rng, rows: int, count: int):
@@ -434,6 +436,26 @@ def add_state_arguments(parser, default_optimizers) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
 
 
+def run_state_workers(args, script: str, measure, environment=None):
+    """The fresh-process loop of the scripts that take `add_state_arguments`.
+
+    In a worker (`--worker`), prints `measure(name, short)` for the parent
+    and returns None; otherwise runs `script` once per optimizer in
+    `args.optimizers`, each in a fresh process with `environment`, and
+    returns `{name: measurements}`."""
+    if args.worker:
+        config = json.loads(args.worker)
+        _report.print_result(measure(config["name"], config["short"]))
+        return None
+    results = {}
+    for name in args.optimizers:
+        results[name] = _report.run_fresh(
+            script, {"name": name, "short": args.short}, environment
+        )
+        print(f"  {name}: measured", flush=True)
+    return results
+
+
 def take(x, count: int):
     """The first `count` examples of a case's inputs (an array, or a dict
     of arrays for the transformer)."""
@@ -469,8 +491,7 @@ def run_worker(config: dict) -> dict:
     resident_before = _status_kib("VmRSS") * 1024
     tensors_before = _tf_tensor_stats()
     _tf_tensor_stats_reset()
-    if not _reset_peak():
-        raise RuntimeError("cannot reset the peak: /proc/self/clear_refs")
+    _reset_peak()
     device_peak = _device_peak_reset()
     model.fit(
         x,

@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 
 import keras
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _report  # noqa: E402
 import peak_memory  # noqa: E402
+import step_speed  # noqa: E402
 
 DEFAULT_OPTIMIZERS = ["adam", "lion", "soma", "soma-bf16", "gradsign", "sm3-m0", "sm3"]
 MIB = 2**20
@@ -64,37 +63,27 @@ def state_build(name: str, short: bool) -> dict:
     optimizer.build(model.trainable_variables)
     peak_memory.wait_for(optimizer.variables)
     gc.collect()
-    state_sizes = [
-        int(np.prod(variable.shape))
-        * np.dtype(keras.backend.standardize_dtype(variable.dtype)).itemsize
-        for variable in optimizer.variables
-    ]
     return {
         "parameters": model.count_params(),
         "state": int(peak_memory.optimizer_state_bytes(optimizer)),
-        "largest": max(state_sizes, default=0),
+        "largest": max(map(step_speed.nbytes, optimizer.variables), default=0),
         "counted": peak_memory._tf_tensor_stats()[0] - counted_before,
         "resident": peak_memory._status_kib("VmRSS") * 1024 - resident_before,
     }
-
-
-def run(name: str, short: bool) -> dict:
-    """`state_build` in a fresh process with TensorFlow's BFC allocator."""
-    return _report.run_fresh(
-        os.path.abspath(__file__),
-        {"name": name, "short": short},
-        dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true"),
-    )
 
 
 def main(argv=None):
     """Prints (and with `--output` writes) the table; returns each
     optimizer's measurements in bytes (`state_build`'s dict)."""
     args = parse_args(argv)
-    if args.worker:
-        config = json.loads(args.worker)
-        _report.print_result(state_build(config["name"], config["short"]))
-        return
+    results = peak_memory.run_state_workers(
+        args,
+        os.path.abspath(__file__),
+        state_build,
+        dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true"),
+    )
+    if results is None:
+        return None
     report = _report.Report()
     command = _report.command_line("benchmarks/tf_allocator_slack.py", argv)
     report.emit(
@@ -106,10 +95,7 @@ def main(argv=None):
         )
     )
     rows = []
-    results = {}
-    for name in args.optimizers:
-        measured = results[name] = run(name, args.short)
-        print(f"  {name}: built", flush=True)
+    for name, measured in results.items():
         rows.append(
             [
                 peak_memory.OPTIMIZERS[name][0],
