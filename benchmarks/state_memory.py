@@ -10,6 +10,7 @@ seconds.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -63,7 +64,8 @@ CONFIGURATIONS = [
 ]
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     models = {"MLP": common.build_mlp(), "CNN": common.build_cnn()}
     header = ["optimizer"] + [
         f"{name} bytes / param ({models[name].count_params():,} params)"

@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 
 def parse_arguments(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=WORKERS)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--model", choices=sorted(MODELS), default="mlp")

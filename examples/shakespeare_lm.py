@@ -638,7 +638,7 @@ def write_outputs(rows, args, data_description: str, command: str) -> dict:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--optimizer",
         action="append",

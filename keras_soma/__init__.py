@@ -18,8 +18,9 @@ model.compile(optimizer=keras_soma.Soma(), loss=..., metrics=[...])
   workers exchange packed signs of their own momenta (signSGD with
   majority vote), 1/20 of a float32 all-reduce's traffic.
 
-Importing the package registers every class with Keras's serialization, so
-`.keras` files that use them load without `custom_objects`.
+Importing the package registers the optimizers and the schedule with
+Keras's serialization, so `.keras` files that use them load without
+`custom_objects` (callbacks are not saved in `.keras` files).
 """
 
 from keras_soma import distribute, memory, monitoring, schedules

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -81,7 +82,7 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         lazy_sparse_updates: bool | None = None,
         **kwargs,
     ):
-        _common.check_learning_rate(learning_rate)
+        learning_rate = _common.check_learning_rate(learning_rate)
         if self._offers_lazy_sparse_updates:
             _common.check_bool("lazy_sparse_updates", lazy_sparse_updates)
         elif lazy_sparse_updates is not None:
@@ -92,6 +93,13 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
             )
         _common.check_bool("skip_nonfinite", skip_nonfinite)
         _common.check_optional_bool("fused", fused)
+        # Keras takes these unchecked (a negative or NaN one silently turns
+        # the option off or poisons the step); 0 is off, as in Keras.
+        for key in ("weight_decay", "clipnorm", "clipvalue", "global_clipnorm"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = _common.check_number(
+                    key, kwargs[key], low=0.0, high=math.inf, high_inclusive=False
+                )
         _check_accumulation(
             kwargs.get("gradient_accumulation_steps"), lazy_sparse_updates
         )
@@ -113,6 +121,9 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
             return
         # Before anything is created: a refused option leaves nothing built.
         self._check_requested_paths(in_update=False)
+        # What an unbuilt optimizer saves (its step counter and learning
+        # rate come first in `variables`): see `load_own_variables`.
+        self._unbuilt_variable_count = len(self.variables)
         super().build(var_list)
         if self.skip_nonfinite:
             self._skipped_steps = self.add_variable(
@@ -254,13 +265,12 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         if not self.skip_nonfinite:
             return super().apply(grads, trainable_variables)
         if not self.built:
-            variables = (
-                trainable_variables
-                if trainable_variables is not None
-                else self._trainable_variables
-            )
+            if trainable_variables is None:
+                # Keras's refusal ("the optimizer must already be built"),
+                # before anything is built.
+                return super().apply(grads, trainable_variables)
             with keras.name_scope(self.name, caller=self):
-                self.build(variables)
+                self.build(trainable_variables)
         finite = _common.all_finite(_sparse.values_of(gradient) for gradient in grads)
         if self.gradient_accumulation_steps:
             # Skipping a whole window would take a copy of the state as it
@@ -543,9 +553,25 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         of saved variables differs, and would silently cast state saved by
         another optimizer with the same count. Here a different count,
         shape or dtype raises a ValueError before anything is assigned, so
-        the state is either loaded whole or left as it was.
+        the state is either loaded whole or left as it was. Two
+        differences are not refused:
+
+        * the step counter's integer dtype: int64 on TensorFlow, int32 on
+          JAX and torch, so a model saved on one backend loads on another;
+        * the state of an optimizer saved before it was built (a model
+          compiled but not trained yet): its step counter and learning
+          rate load into a built optimizer that has not stepped yet (its
+          state is then as it was built, which is what the unbuilt
+          optimizer would have built).
         """
         variables = self.variables
+        unbuilt_count = getattr(self, "_unbuilt_variable_count", None)
+        if (
+            len(store.keys()) == unbuilt_count
+            and unbuilt_count < len(variables)
+            and _to_int(self._iterations) == 0
+        ):
+            variables = variables[:unbuilt_count]
         if len(store.keys()) != len(variables):
             raise ValueError(
                 f"Cannot load optimizer state into {type(self).__name__} "
@@ -566,6 +592,8 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
                 tuple(value.shape),
                 keras.backend.standardize_dtype(value.dtype),
             )
+            if variable is self._iterations and _both_integers(expected, received):
+                continue
             if expected != received:
                 raise ValueError(
                     f"Cannot load optimizer state into {type(self).__name__} "
@@ -583,6 +611,16 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         if self._offers_lazy_sparse_updates:
             config["lazy_sparse_updates"] = self.lazy_sparse_updates
         return config
+
+
+def _to_int(variable) -> int:
+    """A scalar variable's value as a Python int."""
+    return int(np.asarray(ops.convert_to_numpy(variable)))
+
+
+def _both_integers(expected, received) -> bool:
+    """Whether two `(shape, dtype)` pairs differ in integer width only."""
+    return expected[0] == received[0] and "int" in expected[1] and "int" in received[1]
 
 
 def _host_value(variable):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -80,12 +81,17 @@ def check_number(
 
 
 def check_integer(name: str, value: Any, low: int) -> int:
-    """Returns `value` as an int >= `low`, or raises a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    """Returns `value` (a Python or numpy integer) as an int >= `low`, or
+    raises a ValueError."""
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Integral)
+        or value < low
+    ):
         raise ValueError(
             f"Argument `{name}` must be an integer >= {low}; received: {name}={value!r}"
         )
-    return value
+    return int(value)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
@@ -99,18 +105,25 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
 
 
 def check_learning_rate(learning_rate: Any) -> Any:
-    """Accepts a positive float, a LearningRateSchedule or a callable.
+    """Accepts a positive number (returned as a Python float, which Keras
+    requires), a LearningRateSchedule or a callable.
 
     Schedules and callables are checked by Keras when they are called; a
-    plain number must be finite and > 0.
+    plain number (int, float or numpy scalar) must be finite and > 0.
     """
     if isinstance(
         learning_rate, keras.optimizers.schedules.LearningRateSchedule
     ) or callable(learning_rate):
         return learning_rate
     if isinstance(learning_rate, keras.Variable):
-        return learning_rate
-    check_number(
+        raise ValueError(
+            "Argument `learning_rate` must be a number > 0, a "
+            "`keras.optimizers.schedules.LearningRateSchedule` or a callable; "
+            f"received a keras.Variable ({learning_rate.path!r}). The optimizer "
+            "keeps its own learning-rate variable: pass a number and assign "
+            "`optimizer.learning_rate` to change it."
+        )
+    return check_number(
         "learning_rate",
         learning_rate,
         low=0.0,
@@ -118,7 +131,6 @@ def check_learning_rate(learning_rate: Any) -> Any:
         low_inclusive=False,
         high_inclusive=False,
     )
-    return learning_rate
 
 
 STATE_DTYPES = ("float32", "bfloat16", "float16")

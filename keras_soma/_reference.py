@@ -173,29 +173,77 @@ def soma_step(
     variable moves by the sign of the float32 `m`, and `m` is requantized
     (`quantize_blockwise`, nearest rounding).
     """
-    dtype = variable.dtype
     variable = apply_weight_decay(variable, learning_rate, weight_decay)
-    quantized = momentum_dtype == "int8"
-    if quantized:
-        previous = dequantize_blockwise(
-            state["momentum"], state["momentum_scale"], block_size
-        )
-    else:
-        previous = state["momentum"].astype(np.float32)
+    previous = _soma_stored_average(state, momentum_dtype, block_size)
     average = previous * np.float32(momentum) + _saturating_astype(
         gradient, np.float32
     ) * np.float32(1.0 - momentum)
-    if not quantized:
-        average = _saturating_astype(average, state["momentum"].dtype)
-    step = _cast_learning_rate(learning_rate, dtype) * np.sign(
-        average.astype(dtype)
-    ).astype(dtype)
-    if quantized:
+    return _soma_move_and_store(
+        variable, average, state, learning_rate, momentum_dtype, block_size
+    )
+
+
+def _soma_stored_average(state: State, momentum_dtype: str, block_size: int):
+    """Soma's stored average in float32 (int8: dequantized)."""
+    if momentum_dtype == "int8":
+        return dequantize_blockwise(
+            state["momentum"], state["momentum_scale"], block_size
+        )
+    return state["momentum"].astype(np.float32)
+
+
+def _soma_move_and_store(
+    variable, average, state: State, learning_rate, momentum_dtype, block_size
+):
+    """The variable moved by `lr * sign(average)` (the float32 average, or
+    the stored one where it is stored as bfloat16/float16, saturating),
+    and the new state (int8: the float32 average requantized)."""
+    dtype = variable.dtype
+    if momentum_dtype == "int8":
         codes, scales = quantize_blockwise(average, block_size)
         new_state = {"momentum": codes, "momentum_scale": scales}
     else:
+        average = _saturating_astype(average, state["momentum"].dtype)
         new_state = {"momentum": average}
+    step = _cast_learning_rate(learning_rate, dtype) * np.sign(
+        average.astype(dtype)
+    ).astype(dtype)
     return (variable - step).astype(dtype), new_state
+
+
+def soma_micro_step(
+    variable: np.ndarray,
+    gradient: np.ndarray,
+    state: State,
+    learning_rate: float,
+    accumulation_steps: int,
+    starts: bool,
+    momentum: float = 0.95,
+    momentum_dtype: str = "float32",
+    block_size: int = 256,
+) -> tuple[np.ndarray, State]:
+    """One micro-step of Soma's gradient accumulation folded into the
+    average (`keras_soma.soma.soma_micro_step`):
+
+        m <- momentum * m  (at a window's first micro-step only)
+        m <- m + (1 - momentum) / accumulation_steps * g
+        theta <- theta - lr * sign(m)
+
+    Soma keeps the move at a window's last micro-step only (with weight
+    decay, as `soma_step`); there `m` is what `soma_step` makes of the
+    window's mean gradient, up to float32 rounding. With
+    `momentum_dtype="int8"`, `m` is dequantized and requantized at every
+    micro-step.
+    """
+    average = _soma_stored_average(state, momentum_dtype, block_size)
+    if starts:
+        average = average * np.float32(momentum)
+    average = average + _saturating_astype(gradient, np.float32) * np.float32(
+        (1.0 - momentum) / accumulation_steps
+    )
+    return _soma_move_and_store(
+        variable, average, state, learning_rate, momentum_dtype, block_size
+    )
 
 
 def majority_vote_soma_step(

@@ -311,7 +311,10 @@ def sm3(
     their minimum is broadcast, rather than to the full-size `nu`: `nu +
     epsilon` is then made in the pass that adds `g * g`, and the new
     accumulators are the maxima less `epsilon` (the same numbers but for
-    rounding where `nu` is within a few units of `epsilon`). The clip of
+    rounding where `nu` is not large beside `epsilon`: an accumulator
+    below half of `epsilon`'s float32 rounding unit (about 5e-38 at the
+    default 1e-30) is stored as 0; the update, where `epsilon` dominates
+    `nu + epsilon` anyway, is the same). The clip of
     the update to its bound, a no-op but for rounding where nothing
     saturated, is left out. A rank >= 2 variable is stepped a block of
     rows at a time (`_sm3_rows`), so that its `nu` is never whole. A

@@ -313,9 +313,14 @@ class PolyakAveraging(keras.callbacks.Callback):
         key = (self._state, model.optimizer)
         if not _same(key, self._update_key):
             make = _UPDATE_MAKERS.get(keras.backend.backend(), _functional_update)
-            self._update_function = make(
-                self._state, model.optimizer.iterations, self._plan
-            )
+            optimizer = model.optimizer
+
+            # Read at every check: with `gradient_accumulation_steps`, Keras's
+            # `iterations` is computed from the micro-step counter when read.
+            def read_iteration():
+                return ops.convert_to_tensor(optimizer.iterations)
+
+            self._update_function = make(self._state, read_iteration, self._plan)
             self._update_key = key
         with _strategy_scope(model):
             self._update_function()
@@ -419,24 +424,26 @@ class _AveragingState(keras.layers.Layer):
                 f"The averaging state holds {count} averages, but the model "
                 f"has {len(self.averages)} trainable variables."
             )
-        for index, (average, weight) in enumerate(
-            zip(self.averages, self.model_variables)
+        values = [np.asarray(store[f"average_{index}"]) for index in range(count)]
+        # Every shape is checked before anything is assigned.
+        for index, (value, average, weight) in enumerate(
+            zip(values, self.averages, self.model_variables)
         ):
-            value = np.asarray(store[f"average_{index}"])
             if value.shape != tuple(average.shape):
                 raise ValueError(
                     f"Average {index} has shape {value.shape}, but trainable "
                     f"variable {_common.variable_path(weight)!r} has shape "
-                    f"{tuple(average.shape)}."
+                    f"{tuple(average.shape)}; nothing was loaded."
                 )
+        for average, value in zip(self.averages, values):
             average.assign(value)
         self.num_updates.assign(int(np.asarray(store["num_updates"])))
         self.last_step.assign(int(np.asarray(store["last_step"])))
 
 
 # The update of all averages, one compiled or multi-tensor call per check.
-# Each maker takes the state, the optimizer's step counter and the
-# callback's `_plan`, and returns `update()`.
+# Each maker takes the state, a function that reads the optimizer's step
+# count and the callback's `_plan`, and returns `update()`.
 
 
 def _blend(average, weight, take):
@@ -452,7 +459,7 @@ def _blend(average, weight, take):
     return ops.cast(result, dtype)
 
 
-def _tensorflow_update(state, iterations, plan):
+def _tensorflow_update(state, read_iteration, plan):
     import tensorflow as tf
 
     def blend_into(average, weight, take):
@@ -460,7 +467,7 @@ def _tensorflow_update(state, iterations, plan):
 
     @tf.function
     def update():
-        iteration = ops.convert_to_tensor(iterations)
+        iteration = read_iteration()
         active, take, num_updates = plan(iteration, state.last_step, state.num_updates)
         if active:  # A tf.cond (AutoGraph).
             # Under a tf.distribute strategy each replica blends its own
@@ -476,13 +483,14 @@ def _tensorflow_update(state, iterations, plan):
     return update
 
 
-def _torch_update(state, iterations, plan):
+def _torch_update(state, read_iteration, plan):
     import torch
 
     def update():
         with torch.no_grad():
+            iteration = read_iteration()
             active, take, num_updates = plan(
-                iterations.value, state.last_step.value, state.num_updates.value
+                iteration, state.last_step.value, state.num_updates.value
             )
             # Host reads of two scalars, as fit makes for its logs each step.
             if not bool(active):
@@ -495,13 +503,13 @@ def _torch_update(state, iterations, plan):
                 [weight.value for weight in state.model_variables],
                 float(take),
             )
-            state.last_step.assign(ops.cast(iterations.value, state.last_step.dtype))
+            state.last_step.assign(ops.cast(iteration, state.last_step.dtype))
             state.num_updates.assign(num_updates)
 
     return update
 
 
-def _functional_update(state, iterations, plan):
+def _functional_update(state, read_iteration, plan):
     """A pure function of the values (`jax.jit`-compiled on JAX), whose
     results are assigned back."""
 
@@ -524,7 +532,7 @@ def _functional_update(state, iterations, plan):
 
     def update():
         last_step, num_updates, averages = pure_update(
-            iterations.value,
+            read_iteration(),
             state.last_step.value,
             state.num_updates.value,
             [average.value for average in state.averages],

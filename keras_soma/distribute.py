@@ -86,7 +86,11 @@ def majority_vote(model, exchange: str = "packed"):
     Call it after `model.compile` (with a `keras_soma.Soma` optimizer) and
     before training, inside the scope of a `keras.distribution.DataParallel`
     distribution, on the JAX backend. `fit`, `evaluate`, `predict`,
-    `train_on_batch` and saving work as usual.
+    `train_on_batch` and saving work as usual. To load a saved model, make
+    it the same way (compile, `majority_vote`), build the optimizer and
+    call `model.load_weights`: `keras.saving.load_model` alone makes a
+    plain Soma, which refuses the per-worker momenta with a ValueError
+    (see "Checkpoints" on the Scaling page).
 
     Memory: the momenta take `4 * workers` bytes per parameter in all (2 *
     workers with `momentum_dtype="bfloat16"`), 4 (2) on each device.

@@ -81,8 +81,10 @@ class GradSign(KerasSomaOptimizer):
             the best of the fashion-MNIST sweep on the GradSign docs page.
         skip_nonfinite: Bool. If `True`, a step in which any gradient
             holds NaN or Inf leaves the variables and the state untouched,
-            and is counted in `optimizer.skipped_steps`. Defaults to
-            `False`.
+            and is counted in `optimizer.skipped_steps` (it still counts in
+            `optimizer.iterations`, so a learning-rate schedule moves on,
+            and with `use_ema=True` Keras still moves its average towards
+            the unchanged weights). Defaults to `False`.
         {{fused_arg}}
         lazy_sparse_updates: Bool. How a sparse gradient that names
             whole rows is applied: the `tf.IndexedSlices` an `Embedding`

@@ -146,8 +146,11 @@ class SM3(KerasSomaOptimizer):
         epsilon: Float >= 0 added to `nu`. Defaults to `1e-30`.
         variant: `"I"` or `"II"` (the tighter bound). Defaults to `"II"`.
         skip_nonfinite: Bool. If `True`, a step with a NaN or Inf gradient
-            changes nothing and is counted in `optimizer.skipped_steps`.
-            Defaults to `False`.
+            leaves the variables and the state untouched and is counted in
+            `optimizer.skipped_steps` (it still counts in
+            `optimizer.iterations`, so a learning-rate schedule moves on,
+            and with `use_ema=True` Keras still moves its average towards
+            the unchanged weights). Defaults to `False`.
         {{fused_arg}}
         blocked: Bool or `None`. Runs variant II's dense update of variables
             of rank >= 2 and 2**18+ elements block of rows by block of rows:

@@ -140,8 +140,11 @@ class Soma(KerasSomaOptimizer):
     gradient into the average (decay by `momentum` at a window's first
     micro-step, then add `(1 - momentum) / N` times each gradient) and
     moves at every `N`-th micro-step, as Keras's accumulate-then-step does
-    up to float rounding. With clipping, which Keras applies to the
-    window's mean, Soma keeps Keras's accumulator.
+    up to float rounding (with `momentum_dtype="int8"` the average is
+    requantized at every micro-step, so after a window its codes may be
+    one step away from those of accumulate-then-step). With clipping,
+    which Keras applies to the window's mean, Soma keeps Keras's
+    accumulator.
 
     Example:
 
@@ -166,7 +169,10 @@ class Soma(KerasSomaOptimizer):
             `256`.
         skip_nonfinite: Bool. If `True`, a step in which any gradient
             holds NaN or Inf leaves the variables and the state untouched,
-            and is counted in `optimizer.skipped_steps`. If `False`, a NaN
+            and is counted in `optimizer.skipped_steps` (it still counts in
+            `optimizer.iterations`, so a learning-rate schedule moves on,
+            and with `use_ema=True` Keras still moves its average towards
+            the unchanged weights). If `False`, a NaN
             gradient makes the average, and from then on the parameter,
             NaN; an Inf gradient sets the average to +-Inf, so the parameter
             moves in that direction from then on. With

@@ -94,6 +94,10 @@ COMMON_BAD_ARGUMENTS = [
     ({"fused": 1}, "fused"),
     ({"gradient_accumulation_steps": 1}, "gradient_accumulation_steps"),
     ({"gradient_accumulation_steps": 2.5}, "gradient_accumulation_steps"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"clipnorm": float("nan")}, "clipnorm"),
+    ({"clipvalue": -1.0}, "clipvalue"),
+    ({"global_clipnorm": "large"}, "global_clipnorm"),
 ]
 
 REGISTRY: dict[str, OptimizerSpec] = {}

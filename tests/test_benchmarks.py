@@ -359,3 +359,28 @@ def test_jax_step_buffers_bad_arguments_are_named(arguments, message, capsys):
     with pytest.raises(SystemExit):
         jax_step_buffers.parse_args(arguments)
     assert message in capsys.readouterr().err
+
+
+def test_help_shows_whole_first_paragraphs_and_runs_nothing(capsys):
+    # A script whose `--help` shows only its docstring's first line cuts a
+    # sentence that runs onto the next one.
+    import ast
+    import glob
+
+    for path in sorted(
+        glob.glob(os.path.join(ROOT, "examples", "*.py"))
+        + glob.glob(os.path.join(ROOT, "benchmarks", "*.py"))
+    ):
+        with open(path, encoding="utf-8") as file:
+            source = file.read()
+        if "__doc__.splitlines()[0]" in source:
+            first = ast.get_docstring(ast.parse(source)).split("\n\n")[0]
+            assert "\n" not in first, f"{path}: --help cuts its description"
+    import state_memory
+
+    with pytest.raises(SystemExit) as exited:
+        state_memory.main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "Optimizer state memory" in out
+    assert "| optimizer |" not in out

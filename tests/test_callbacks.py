@@ -229,6 +229,37 @@ def test_steps_per_execution_averages_execution_ends(update_every, sampled):
     assert state["last_step"] == sampled[-1]
 
 
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda: keras_soma.Soma(0.01, gradient_accumulation_steps=2),
+        lambda: keras.optimizers.Adam(0.05, gradient_accumulation_steps=2),
+    ],
+    ids=["soma", "keras-adam"],
+)
+def test_gradient_accumulation_averages_once_per_optimizer_step(make_optimizer):
+    # With accumulation Keras's `iterations` is computed from the
+    # micro-step counter each time it is read (not a variable); the
+    # callback must read it at every check, and on every backend.
+    model = make_model()
+    model.compile(optimizer=make_optimizer(), loss="mse")
+    recorder = WeightRecorder()
+    averaging = PolyakAveraging(decay=0.8)
+    fit(model, [recorder, averaging], epochs=2)  # 12 micro-steps
+
+    steps = 2 * STEPS_PER_EPOCH // 2
+    assert int(to_numpy(model.optimizer.iterations)) == steps
+    expected = numpy_average(
+        recorder.weights_at(0),
+        [recorder.weights_at(step) for step in range(1, steps + 1)],
+        decay=0.8,
+    )
+    state = state_of(averaging)
+    assert state["num_updates"] == steps
+    assert state["last_step"] == steps
+    assert_all_close(state["averages"], expected)
+
+
 def test_averaging_continues_across_fit_calls():
     model = make_model()
     recorder = WeightRecorder()
@@ -525,6 +556,22 @@ def test_keras_file_carries_the_averaging_state(tmp_path):
 
     assert_bitwise_equal(weights_of(loaded), weights_of(model), "weights")
     assert_states_equal(state_of(restored), state_of(averaging))
+
+
+def test_averaging_state_of_other_shapes_is_refused_whole():
+    model = make_model()
+    averaging = PolyakAveraging(decay=0.8)
+    fit(model, [averaging], epochs=1)
+    store = {}
+    averaging._state.save_own_variables(store)
+    before = state_of(averaging)
+    count = len(averaging.averages)
+    assert count > 1
+    store["average_0"] = store["average_0"] + 1.0  # would load first
+    store[f"average_{count - 1}"] = np.zeros((7,), "float32")  # refused
+    with pytest.raises(ValueError, match="nothing was loaded"):
+        averaging._state.load_own_variables(store)
+    assert_states_equal(before, state_of(averaging))
 
 
 def test_weights_without_averaging_state_restart_averaging(tmp_path):

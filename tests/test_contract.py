@@ -63,6 +63,29 @@ def test_bad_arguments_raise_value_error_naming_argument(spec):
         )
 
 
+@pytest.mark.parametrize(
+    "learning_rate", [1, np.float32(0.25), np.float64(0.25)], ids=repr
+)
+@pytest.mark.parametrize("spec", SPECS)
+def test_learning_rate_of_any_numeric_type_is_a_float(spec, learning_rate):
+    # Keras itself refuses a learning rate that is not a Python float.
+    optimizer = spec.make(learning_rate=learning_rate)
+    assert optimizer.get_config()["learning_rate"] == float(learning_rate)
+    assert type(optimizer.get_config()["learning_rate"]) is float
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_learning_rate_variable_is_refused_with_what_to_do(spec):
+    with pytest.raises(ValueError, match=r"assign\s+`optimizer.learning_rate`"):
+        spec.make(learning_rate=keras.Variable(0.1))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_numpy_integer_arguments_are_accepted(spec):
+    optimizer = spec.make(gradient_accumulation_steps=np.int64(2))
+    assert optimizer.gradient_accumulation_steps == 2
+
+
 @pytest.mark.parametrize("spec", SPECS)
 def test_config_round_trip(spec):
     optimizer = spec.make(**spec.config_case)
@@ -227,6 +250,22 @@ def test_gradient_accumulation_equals_mean_gradient(spec):
             rtol=rtol,
             atol=atol,
         )
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+@pytest.mark.parametrize("spec", SPECS)
+def test_apply_without_variables_before_build_is_refused_and_builds_nothing(
+    spec, skip_nonfinite
+):
+    optimizer = spec.make(skip_nonfinite=skip_nonfinite)
+    gradient = np.ones((2, 3), "float32")
+    with pytest.raises(ValueError, match="must already be built"):
+        optimizer.apply([gradient])
+    assert not optimizer.built
+    # The call the error asks for then works.
+    variable = keras.Variable(np.zeros((2, 3), "float32"))
+    optimizer.apply([gradient], [variable])
+    assert not np.array_equal(to_numpy(variable), np.zeros((2, 3)))
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -159,6 +159,18 @@ ACCUMULATION_CASES = [
 ]
 
 
+def assert_averages(optimizer, variables, states, rtol, when):
+    """Each variable's stored average against its reference state."""
+    for variable, state in zip(variables, states):
+        np.testing.assert_allclose(
+            to_numpy(optimizer.get_slots(variable)["momentum"]),
+            state["momentum"],
+            rtol=rtol,
+            atol=1e-7,
+            err_msg=f"average of {variable.path} {when}",
+        )
+
+
 @pytest.mark.parametrize("mode", accumulation_modes())
 @pytest.mark.parametrize("case", ACCUMULATION_CASES, ids=lambda c: str(c) or "plain")
 @pytest.mark.parametrize("steps", [1, 2, 4])
@@ -188,9 +200,31 @@ def test_accumulation_matches_reference(steps, case, mode):
         key: value for key, value in case.items() if key != "skip_nonfinite"
     }
 
+    # Without clipping the micro-steps fold into the average: it is
+    # checked after every micro-step against `_reference.soma_micro_step`
+    # (with clipping Soma keeps Keras's accumulator).
+    clipping = {"clipnorm", "clipvalue", "global_clipnorm"} & set(case)
+    folds = steps > 1 and not clipping
+    folded = [_reference.soma_init(start) for start in starts]
     before = starts
     for index, micro_gradients in enumerate(gradients):
         step(micro_gradients)
+        if folds:
+            finite = all(np.isfinite(gradient).all() for gradient in micro_gradients)
+            folded = [
+                _reference.soma_micro_step(
+                    start,
+                    gradient if finite else np.zeros_like(gradient),
+                    state,
+                    0.01,
+                    accumulation_steps=steps,
+                    starts=index % steps == 0,
+                )[1]
+                for start, gradient, state in zip(starts, micro_gradients, folded)
+            ]
+            assert_averages(
+                optimizer, variables, folded, 1e-6, f"after micro-step {index}"
+            )
         if (index + 1) % steps:
             for variable, value in zip(variables, before):
                 np.testing.assert_array_equal(
@@ -206,21 +240,12 @@ def test_accumulation_matches_reference(steps, case, mode):
             skip_nonfinite=bool(case.get("skip_nonfinite")),
             **reference_case,
         )
-        for variable, value, state in zip(variables, expected, states):
+        window = f"after window {(index + 1) // steps}"
+        for variable, value in zip(variables, expected):
             np.testing.assert_allclose(
-                to_numpy(variable),
-                value,
-                rtol=1e-6,
-                atol=1e-6,
-                err_msg=f"variable after window {(index + 1) // steps}",
+                to_numpy(variable), value, rtol=1e-6, atol=1e-6, err_msg=window
             )
-            np.testing.assert_allclose(
-                to_numpy(optimizer.get_slots(variable)["momentum"]),
-                state["momentum"],
-                rtol=1e-5,
-                atol=1e-7,
-                err_msg=f"average after window {(index + 1) // steps}",
-            )
+        assert_averages(optimizer, variables, states, 1e-5, window)
         if case.get("skip_nonfinite"):
             assert int(to_numpy(optimizer.skipped_steps)) == skipped
         before = [to_numpy(variable).copy() for variable in variables]
@@ -464,7 +489,14 @@ def test_accumulation_in_fit_equals_keras_lion(jit_compile):
 
 @pytest.mark.parametrize(
     "shape,block_size,blocks",
-    [((), 256, 1), ((7,), 256, 1), ((5, 3), 4, 4), ((2, 3, 2, 4), 5, 10), ((8,), 8, 1)],
+    [
+        ((), 256, 1),
+        ((7,), 256, 1),
+        ((5, 3), 4, 4),
+        ((5, 3), np.int64(4), 4),
+        ((2, 3, 2, 4), 5, 10),
+        ((8,), 8, 1),
+    ],
 )
 def test_int8_state_is_codes_and_one_scale_per_block(shape, block_size, blocks):
     variable = keras.Variable(np.zeros(shape, "float32"))
@@ -478,6 +510,46 @@ def test_int8_state_is_codes_and_one_scale_per_block(shape, block_size, blocks):
     assert tuple(slots["momentum_scale"].shape) == (blocks,)
     # Never 0, so a fresh block dequantizes to zeros, not NaN.
     np.testing.assert_array_equal(to_numpy(slots["momentum_scale"]), np.ones(blocks))
+
+
+@pytest.mark.parametrize("mode", accumulation_modes())
+def test_int8_folded_accumulation_matches_reference_at_every_micro_step(mode):
+    """The int8 average is dequantized, folded into and requantized at
+    every micro-step (`_reference.soma_micro_step`); 35 elements in blocks
+    of 16 (a partial last block)."""
+    rng = np.random.default_rng(11)
+    start = rng.standard_normal((5, 7)).astype("float32")
+    variable = keras.Variable(start)
+    optimizer = accumulating_optimizer(
+        3, mode, learning_rate=0.01, momentum_dtype="int8", block_size=16
+    )
+    optimizer.build([variable])
+    step = make_stepper(optimizer, [variable], mode)
+    state = _reference.soma_init(start, momentum_dtype="int8", block_size=16)
+    expected = start
+    for index in range(6):
+        gradient = random_gradient(rng, (5, 7))
+        step([gradient])
+        moved, state = _reference.soma_micro_step(
+            expected,
+            gradient,
+            state,
+            0.01,
+            accumulation_steps=3,
+            starts=index % 3 == 0,
+            momentum_dtype="int8",
+            block_size=16,
+        )
+        if index % 3 == 2:
+            expected = moved
+        slots = optimizer.get_slots(variable)
+        codes = to_numpy(slots["momentum"]).astype(np.int32)
+        assert np.abs(codes - state["momentum"]).max() <= 1, index
+        np.testing.assert_allclose(
+            to_numpy(slots["momentum_scale"]), state["momentum_scale"], rtol=1e-6
+        )
+        np.testing.assert_allclose(to_numpy(variable), expected, rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(expected, start)
 
 
 def test_float_momentum_has_no_scale_slot():
