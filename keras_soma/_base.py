@@ -94,15 +94,19 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         _common.check_bool("skip_nonfinite", skip_nonfinite)
         _common.check_optional_bool("fused", fused)
         # Keras takes these unchecked (a negative or NaN one silently turns
-        # the option off or poisons the step); 0 is off, as in Keras.
+        # the option off or poisons the step); 0 is off, as in Keras. A
+        # variable (a scheduled weight decay, which Keras reads at every
+        # step) is passed on as it is.
         for key in ("weight_decay", "clipnorm", "clipvalue", "global_clipnorm"):
-            if kwargs.get(key) is not None:
+            value = kwargs.get(key)
+            if value is not None and not _common.is_variable(value):
                 kwargs[key] = _common.check_number(
-                    key, kwargs[key], low=0.0, high=math.inf, high_inclusive=False
+                    key, value, low=0.0, high=math.inf, high_inclusive=False
                 )
-        _check_accumulation(
-            kwargs.get("gradient_accumulation_steps"), lazy_sparse_updates
-        )
+        if kwargs.get("gradient_accumulation_steps") is not None:
+            kwargs["gradient_accumulation_steps"] = _check_accumulation(
+                kwargs["gradient_accumulation_steps"], lazy_sparse_updates
+            )
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.skip_nonfinite = skip_nonfinite
         self.fused = fused
@@ -559,10 +563,11 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         * the step counter's integer dtype: int64 on TensorFlow, int32 on
           JAX and torch, so a model saved on one backend loads on another;
         * the state of an optimizer saved before it was built (a model
-          compiled but not trained yet): its step counter and learning
-          rate load into a built optimizer that has not stepped yet (its
-          state is then as it was built, which is what the unbuilt
-          optimizer would have built).
+          compiled but not trained yet): its step counter (0) and learning
+          rate load into a built optimizer that has not stepped yet either
+          (its state is then as it was built, which is what the unbuilt
+          optimizer would have built). A store of that size whose step
+          counter is not 0 (say, Keras SGD's after training) is refused.
         """
         variables = self.variables
         unbuilt_count = getattr(self, "_unbuilt_variable_count", None)
@@ -570,6 +575,8 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
             len(store.keys()) == unbuilt_count
             and unbuilt_count < len(variables)
             and _to_int(self._iterations) == 0
+            and np.ndim(store["0"]) == 0
+            and int(np.asarray(store["0"])) == 0
         ):
             variables = variables[:unbuilt_count]
         if len(store.keys()) != len(variables):
@@ -636,12 +643,10 @@ def _host_value(variable):
     return variable.numpy()
 
 
-def _check_accumulation(steps, lazy_sparse_updates) -> None:
-    """Checks `gradient_accumulation_steps` (None, or an int >= 2) and
-    refuses it with `lazy_sparse_updates=True`."""
-    if steps is None:
-        return
-    _common.check_integer("gradient_accumulation_steps", steps, 2)
+def _check_accumulation(steps, lazy_sparse_updates) -> int:
+    """Returns `gradient_accumulation_steps` as an int (it must be one >=
+    2) and refuses it with `lazy_sparse_updates=True`."""
+    steps = _common.check_integer("gradient_accumulation_steps", steps, 2)
     if lazy_sparse_updates:
         raise ValueError(
             "Argument `lazy_sparse_updates` must be False when "
@@ -651,6 +656,7 @@ def _check_accumulation(steps, lazy_sparse_updates) -> None:
             f"touched); received: lazy_sparse_updates={lazy_sparse_updates!r}, "
             f"gradient_accumulation_steps={steps!r}"
         )
+    return steps
 
 
 class _TorchStep(NamedTuple):

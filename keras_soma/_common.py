@@ -104,6 +104,12 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     return value
 
 
+def is_variable(value: Any) -> bool:
+    """Whether `value` is a variable (Keras's, or a backend's such as
+    `tf.Variable`): something assigned to later rather than a number."""
+    return isinstance(value, keras.Variable) or callable(getattr(value, "assign", None))
+
+
 def check_learning_rate(learning_rate: Any) -> Any:
     """Accepts a positive number (returned as a Python float, which Keras
     requires), a LearningRateSchedule or a callable.
@@ -115,13 +121,13 @@ def check_learning_rate(learning_rate: Any) -> Any:
         learning_rate, keras.optimizers.schedules.LearningRateSchedule
     ) or callable(learning_rate):
         return learning_rate
-    if isinstance(learning_rate, keras.Variable):
+    if is_variable(learning_rate):
         raise ValueError(
             "Argument `learning_rate` must be a number > 0, a "
             "`keras.optimizers.schedules.LearningRateSchedule` or a callable; "
-            f"received a keras.Variable ({learning_rate.path!r}). The optimizer "
-            "keeps its own learning-rate variable: pass a number and assign "
-            "`optimizer.learning_rate` to change it."
+            f"received a variable ({type(learning_rate).__name__}). The "
+            "optimizer keeps its own learning-rate variable: pass a number "
+            "and assign `optimizer.learning_rate` to change it."
         )
     return check_number(
         "learning_rate",
@@ -152,18 +158,21 @@ def check_state_dtype(
 # Docstrings
 # ---------------------------------------------------------------------------
 
-BASE_KEYWORD_ARGS = """name: String. The name to use for momentum accumulator
-            weights created by the optimizer.
-        weight_decay: Float. If set, decoupled weight decay is applied:
-            `theta <- theta - learning_rate * weight_decay * theta` before
-            the update.
-        clipnorm: Float. If set, the gradient of each weight is
-            individually clipped so that its norm is no higher than this
-            value.
-        clipvalue: Float. If set, the gradient of each weight is clipped
-            to be no higher than this value.
-        global_clipnorm: Float. If set, the gradient of all weights is
-            clipped so that their global norm is no higher than this value.
+BASE_KEYWORD_ARGS = """name: String. The name of the optimizer, and the prefix of the
+            state variables it creates. Defaults to the class's name in
+            lower case.
+        weight_decay: Float >= 0 or `None`. If set, decoupled weight decay
+            is applied: `theta <- theta - learning_rate * weight_decay *
+            theta` before the update. Defaults to `None`.
+        clipnorm: Float >= 0 or `None`. If set, the gradient of each weight
+            is individually clipped so that its norm is no higher than
+            this value (0: no clipping). Defaults to `None`.
+        clipvalue: Float >= 0 or `None`. If set, the gradient of each
+            weight is clipped to `[-clipvalue, clipvalue]` (0: no
+            clipping). Defaults to `None`.
+        global_clipnorm: Float >= 0 or `None`. If set, the gradient of all
+            weights is clipped so that their global norm is no higher than
+            this value (0: no clipping). Defaults to `None`.
         use_ema: Boolean, defaults to `False`. If `True`, an exponential
             moving average of the model weights is kept by Keras (one more
             copy of the weights, on top of the state listed above).

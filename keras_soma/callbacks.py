@@ -410,11 +410,9 @@ class _AveragingState(keras.layers.Layer):
         store["last_step"] = np.int64(_to_int(self.last_step))
 
     def load_own_variables(self, store):
-        # The model's weights and the averages load from the same file, so
-        # nothing is swapped afterwards.
-        self.swapped = False
         keys = list(store.keys())  # Keras's stores have no iteration.
         if not keys:  # A file without averaging state: averaging restarts.
+            self.swapped = False
             self.num_updates.assign(0)
             self.last_step.assign(-1)
             return
@@ -425,6 +423,8 @@ class _AveragingState(keras.layers.Layer):
                 f"has {len(self.averages)} trainable variables."
             )
         values = [np.asarray(store[f"average_{index}"]) for index in range(count)]
+        num_updates = int(np.asarray(store["num_updates"]))
+        last_step = int(np.asarray(store["last_step"]))
         # Every shape is checked before anything is assigned.
         for index, (value, average, weight) in enumerate(
             zip(values, self.averages, self.model_variables)
@@ -435,10 +435,13 @@ class _AveragingState(keras.layers.Layer):
                     f"variable {_common.variable_path(weight)!r} has shape "
                     f"{tuple(average.shape)}; nothing was loaded."
                 )
+        # The model's weights and the averages load from the same file, so
+        # nothing is swapped afterwards.
+        self.swapped = False
         for average, value in zip(self.averages, values):
             average.assign(value)
-        self.num_updates.assign(int(np.asarray(store["num_updates"])))
-        self.last_step.assign(int(np.asarray(store["last_step"])))
+        self.num_updates.assign(num_updates)
+        self.last_step.assign(last_step)
 
 
 # The update of all averages, one compiled or multi-tensor call per check.

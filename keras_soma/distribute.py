@@ -289,7 +289,7 @@ def _backend_mesh(device_mesh):
     return jax.sharding.Mesh(devices, device_mesh.axis_names)
 
 
-def pack_trits(trits):
+def _pack_trits(trits):
     """Packs values in {0, 1, 2} five to a byte (`sum t_i * 3**i`) along
     the last axis, whose length is a multiple of 5."""
     import jax.numpy as jnp
@@ -299,8 +299,8 @@ def pack_trits(trits):
     return jnp.sum(trits * powers, axis=-1, dtype=jnp.uint8)
 
 
-def unpack_trits(packed):
-    """The inverse of `pack_trits`."""
+def _unpack_trits(packed):
+    """The inverse of `_pack_trits`."""
     import jax.numpy as jnp
 
     powers = jnp.asarray([3**i for i in range(_TRITS_PER_BYTE)], jnp.uint8)
@@ -308,7 +308,7 @@ def unpack_trits(packed):
     return trits.reshape(*packed.shape[:-1], -1)
 
 
-def exchange_votes(votes, axis, workers, exchange):
+def _exchange_votes(votes, axis, workers, exchange):
     """The majority `sign(sum over workers of votes)` of the int8 `votes`
     (-1, 0 or +1) of each worker, inside `shard_map` over `axis`; the same
     int8 vector on every worker."""
@@ -322,13 +322,13 @@ def exchange_votes(votes, axis, workers, exchange):
     size = votes.shape[0]
     chunk = _TRITS_PER_BYTE * math.ceil(size / (_TRITS_PER_BYTE * workers))
     trits = jnp.pad(votes + 1, (0, chunk * workers - size), constant_values=1)
-    packed = pack_trits(trits.reshape(workers, chunk))
+    packed = _pack_trits(trits.reshape(workers, chunk))
     # Row j goes to worker j; worker j gets row j of every worker.
     received = jax.lax.all_to_all(packed, axis, 0, 0, tiled=True)
-    tally = jnp.sum(unpack_trits(received).astype(jnp.int32) - 1, axis=0)
-    majority = pack_trits(jnp.sign(tally) + 1)
+    tally = jnp.sum(_unpack_trits(received).astype(jnp.int32) - 1, axis=0)
+    majority = _pack_trits(jnp.sign(tally) + 1)
     gathered = jax.lax.all_gather(majority, axis, tiled=True)
-    return (unpack_trits(gathered).astype(jnp.int8) - 1)[:size]
+    return (_unpack_trits(gathered).astype(jnp.int8) - 1)[:size]
 
 
 def _sign_int8(values):
@@ -395,7 +395,7 @@ class _VoteStep:
                 for gradient, local in zip(grads, momenta)
             ]
             votes = jnp.concatenate([_sign_int8(m).reshape(-1) for m in new_momenta])
-            majority = exchange_votes(votes, axis, self.workers, self.exchange)
+            majority = _exchange_votes(votes, axis, self.workers, self.exchange)
             split, start = [], 0
             for variable in trainable:
                 split.append(

@@ -140,11 +140,13 @@ class Soma(KerasSomaOptimizer):
     gradient into the average (decay by `momentum` at a window's first
     micro-step, then add `(1 - momentum) / N` times each gradient) and
     moves at every `N`-th micro-step, as Keras's accumulate-then-step does
-    up to float rounding (with `momentum_dtype="int8"` the average is
-    requantized at every micro-step, so after a window its codes may be
-    one step away from those of accumulate-then-step). With clipping,
-    which Keras applies to the window's mean, Soma keeps Keras's
-    accumulator.
+    up to float rounding. With `momentum_dtype="int8"` the average is
+    requantized at every micro-step, so after a window it carries the
+    rounding of each micro-step: its codes may differ from those of
+    accumulate-then-step by several steps of the square-root code, and an
+    element near zero may end the window with the other sign (its
+    parameter then moves the other way). With clipping, which Keras
+    applies to the window's mean, Soma keeps Keras's accumulator.
 
     Example:
 

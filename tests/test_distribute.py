@@ -388,13 +388,13 @@ def test_bad_exchange_and_built_optimizer_are_refused():
 def test_trit_packing_round_trips():
     import jax.numpy as jnp
 
-    from keras_soma.distribute import pack_trits, unpack_trits
+    from keras_soma.distribute import _pack_trits, _unpack_trits
 
     rng = np.random.default_rng(0)
     trits = rng.integers(0, 3, size=(3, 40))
-    packed = pack_trits(jnp.asarray(trits))
+    packed = _pack_trits(jnp.asarray(trits))
     assert packed.dtype == jnp.uint8 and packed.shape == (3, 8)
-    np.testing.assert_array_equal(np.asarray(unpack_trits(packed)), trits)
+    np.testing.assert_array_equal(np.asarray(_unpack_trits(packed)), trits)
 
 
 def benchmark_table_rows(script, *arguments):

@@ -195,22 +195,40 @@ def test_model_saved_before_training_loads_and_trains_as_the_original(spec, tmp_
     assert_same_state(training_run.final_state(model), training_run.final_state(loaded))
 
 
-def test_unbuilt_state_is_refused_by_an_optimizer_that_has_stepped():
-    unbuilt = keras_soma.Soma()
-    store = {str(i): to_numpy(v) for i, v in enumerate(unbuilt.variables)}
-    trained = continue_training(training_run.build("Soma"), epochs=1)
-    before = optimizer_state_values(trained.optimizer)
+def store_of(optimizer):
+    return {str(i): to_numpy(v) for i, v in enumerate(optimizer.variables)}
+
+
+def assert_refused_whole(optimizer, store):
+    before = optimizer_state_values(optimizer)
     with pytest.raises(ValueError, match="Cannot load optimizer state"):
-        trained.optimizer.load_own_variables(store)
-    for expected, actual in zip(before, optimizer_state_values(trained.optimizer)):
+        optimizer.load_own_variables(store)
+    for expected, actual in zip(before, optimizer_state_values(optimizer)):
         np.testing.assert_array_equal(actual, expected)
+
+
+def test_unbuilt_state_is_refused_by_an_optimizer_that_has_stepped():
+    trained = continue_training(training_run.build("Soma"), epochs=1)
+    assert_refused_whole(trained.optimizer, store_of(keras_soma.Soma()))
+
+
+def test_trained_state_of_an_unbuilt_size_is_refused():
+    # Keras SGD without momentum keeps a step counter and a learning rate,
+    # as an unbuilt optimizer does; after training its store is refused.
+    sgd = training_run.build("Soma")
+    sgd.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    store = store_of(continue_training(sgd, epochs=1).optimizer)
+    assert len(store) == 2 and int(store["0"]) > 0
+    target = training_run.build("Soma")
+    target.optimizer.build(target.trainable_variables)
+    assert_refused_whole(target.optimizer, store)
 
 
 def test_step_counter_of_another_integer_width_loads():
     # TensorFlow keeps the step counter in int64, JAX and torch in int32:
     # a model saved on one backend loads on another.
     source = continue_training(training_run.build("Soma"), epochs=1)
-    store = {str(i): to_numpy(v) for i, v in enumerate(source.optimizer.variables)}
+    store = store_of(source.optimizer)
     saved = store["0"]
     assert saved.dtype.kind == "i" and saved.shape == ()
     store["0"] = saved.astype(np.int32 if saved.dtype == np.int64 else np.int64)
