@@ -104,6 +104,10 @@ OPTIMIZERS = {
         "Soma int8 state",
         lambda: keras_soma.Soma(momentum_dtype="int8"),
     ),
+    "soma-int8-lazy": (
+        "Soma int8 state, lazy rows",
+        lambda: keras_soma.Soma(momentum_dtype="int8", lazy_sparse_updates=True),
+    ),
     "soma-lazy": ("Soma lazy rows", lambda: keras_soma.Soma(lazy_sparse_updates=True)),
     "soma-unfused": ("Soma, fused=False", lambda: keras_soma.Soma(fused=False)),
     "soma-accum4": (
@@ -131,6 +135,7 @@ KERAS_SOMA_OPTIMIZERS = [
     "soma",
     "soma-bf16",
     "soma-int8",
+    "soma-int8-lazy",
     "soma-lazy",
     "soma-unfused",
     "soma-accum4",
@@ -141,7 +146,7 @@ KERAS_SOMA_OPTIMIZERS = [
     "sm3-int8",
 ]
 # Lazy row paths: below 2% of the weights above their state at any size.
-LAZY_OPTIMIZERS = ["soma-lazy", "gradsign-lazy", "sm3-m0", "sm3"]
+LAZY_OPTIMIZERS = ["soma-lazy", "soma-int8-lazy", "gradsign-lazy", "sm3-m0", "sm3"]
 
 MODELS = ("recommender", "transformer", "cnn")
 

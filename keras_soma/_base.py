@@ -374,6 +374,73 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         ):
             self.assign(target, _sparse.rows_written(target, result, indices))
 
+    def update_int8_rows_with(
+        self,
+        step_fn: Callable,
+        variable,
+        gradient,
+        row_slots: Sequence[Any],
+        codes,
+        scales,
+        block_size: int,
+        learning_rate,
+        hyperparameters: Sequence[Any] = (),
+    ) -> None:
+        """`update_rows_with` where the momentum is blockwise int8
+        (`codes` and `scales`, `keras_soma._quantize`): the row path of a
+        row-sliced gradient reads and writes its rows of `variable` and of
+        `row_slots`, and of the momentum the smallest runs of whole rows
+        that are also runs of whole blocks (`_quantize.row_groups`) that
+        hold them; only the blocks holding an element of a row stepped are
+        requantized (`_quantize.on_int8_rows`, which says what `step_fn`
+        takes and returns)."""
+        indices, row_gradient = _sparse.unique_rows(gradient)
+        rows = int(variable.shape[0])
+        group_rows, group_blocks = _quantize.row_groups(
+            tuple(variable.shape), block_size
+        )
+        groups_total = -(-rows // group_rows)
+        in_range = ops.less(indices, rows)
+        # Padding rows (a BCOO's) fall in a group past the last.
+        groups, group_positions = _sparse.unique_with_positions(
+            ops.where(in_range, ops.floor_divide(indices, group_rows), groups_total),
+            fill_value=groups_total,
+        )
+        positions = ops.add(
+            ops.multiply(ops.cast(group_positions, indices.dtype), group_rows),
+            ops.where(in_range, ops.mod(indices, group_rows), 0),
+        )
+
+        def runs(length):
+            starts = ops.expand_dims(ops.multiply(groups, length), 1)
+            offsets = ops.expand_dims(ops.arange(length, dtype=groups.dtype), 0)
+            return ops.reshape(ops.add(starts, offsets), (-1,))
+
+        tile_rows, tile_blocks = runs(group_rows), runs(group_blocks)
+        targets = [variable, *row_slots, codes, scales]
+        compute = self._step_computation(
+            _quantize.on_int8_rows(step_fn, len(row_slots), block_size),
+            targets,
+            (positions, *hyperparameters),
+        )
+        values = [
+            _sparse.gather_rows(target, indices) for target in [variable, *row_slots]
+        ]
+        values += [
+            _sparse.gather_rows(codes, tile_rows, padded=True),
+            _sparse.gather_rows(scales, tile_blocks, padded=True),
+        ]
+        results = compute(values, row_gradient, ops.cast(learning_rate, variable.dtype))
+        *row_results, new_codes, new_scales = results
+        for target, result in zip([variable, *row_slots], row_results):
+            self.assign(target, _sparse.rows_written(target, result, indices))
+        self.assign(
+            codes, _sparse.rows_written(codes, new_codes, tile_rows, padded=True)
+        )
+        self.assign(
+            scales, _sparse.rows_written(scales, new_scales, tile_blocks, padded=True)
+        )
+
     def _step_computation(self, step_fn, targets, hyperparameters):
         """`compute(values, gradient, learning_rate)`: weight decay, then
         `step_fn`, then (with `skip_nonfinite`) the old values kept on a
@@ -574,7 +641,7 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         if (
             len(store.keys()) == unbuilt_count
             and unbuilt_count < len(variables)
-            and _to_int(self._iterations) == 0
+            and _common.to_int(self._iterations) == 0
             and np.ndim(store["0"]) == 0
             and int(np.asarray(store["0"])) == 0
         ):
@@ -618,11 +685,6 @@ class KerasSomaOptimizer(keras.optimizers.Optimizer):
         if self._offers_lazy_sparse_updates:
             config["lazy_sparse_updates"] = self.lazy_sparse_updates
         return config
-
-
-def _to_int(variable) -> int:
-    """A scalar variable's value as a Python int."""
-    return int(np.asarray(ops.convert_to_numpy(variable)))
 
 
 def _both_integers(expected, received) -> bool:

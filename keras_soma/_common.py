@@ -333,6 +333,11 @@ def state_name(variable, slot: str) -> str:
 # ---------------------------------------------------------------------------
 
 
+def to_int(variable) -> int:
+    """A scalar variable's (or tensor's) value as a Python int."""
+    return int(np.asarray(ops.convert_to_numpy(variable)))
+
+
 def check_bool(name: str, value: Any) -> bool:
     """Returns `value` if it is True or False, or raises a ValueError."""
     if not isinstance(value, bool):

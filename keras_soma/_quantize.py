@@ -47,6 +47,18 @@ def element_count(shape) -> int:
     return int(math.prod(int(size) for size in shape))
 
 
+def row_groups(shape, block_size: int) -> tuple[int, int]:
+    """`(rows, blocks)` of the smallest run of whole rows of a tensor of
+    `shape` (rows along the first dimension) that is also a run of whole
+    blocks: `lcm(row size, block_size)` elements. The blocks of a group
+    hold no element of another group's rows, so a group's blocks can be
+    requantized on their own (the last group may be partial, as the last
+    block may be)."""
+    row_size = element_count(shape[1:])
+    group_size = math.lcm(row_size, block_size)
+    return group_size // row_size, group_size // block_size
+
+
 def _blocked(values, block_size: int, padding_value=0):
     """`values` flattened and padded to `[blocks, block_size]`."""
     size = element_count(values.shape)
@@ -91,11 +103,19 @@ def quantize_blockwise(values, block_size: int, uniform=None, code: str = "sqrt"
         `(codes, scales)`: int8 codes of the shape of `values` and float32
         scales of shape `[block_count(size, block_size)]`.
     """
-    blocked = _blocked(_finite_float32(values), block_size)
+    blocked = _blocked(finite_float32(values), block_size)
+    codes, scales = quantize_blocks(blocked, uniform, code)
+    return _unblocked(codes, tuple(values.shape)), scales
+
+
+def quantize_blocks(blocked, uniform=None, code: str = "sqrt"):
+    """`quantize_blockwise` of values already in blocks: `blocked` is
+    float32, `[blocks, block_size]` and finite (its first dimension may
+    be unknown while tracing). Returns `(codes, scales)`, the codes in
+    the blocks' shape."""
     absmax = block_absmax(blocked)
     scales = ops.where(ops.greater(absmax, 0.0), absmax, ops.ones_like(absmax))
-    codes = encode_blocks(blocked, scales, uniform, code)
-    return _unblocked(codes, tuple(values.shape)), scales
+    return encode_blocks(blocked, scales, uniform, code), scales
 
 
 # How many times `block_absmax` folds the rows before XLA's reduction: 2
@@ -136,11 +156,11 @@ def quantize_with_scales(values, scales, block_size: int, code: str = "sqrt"):
     its block's scale saturates at +-127). Not a format of its own: what
     `quantize_blockwise` does after its block maximum, for
     `benchmarks/int8_step_parts.py`, which times the two apart."""
-    blocked = _blocked(_finite_float32(values), block_size)
+    blocked = _blocked(finite_float32(values), block_size)
     return _unblocked(encode_blocks(blocked, scales, None, code), tuple(values.shape))
 
 
-def _finite_float32(values):
+def finite_float32(values):
     """`values` in float32 with NaN as 0 and +-Inf as +-float32's largest."""
     values = ops.cast(values, "float32")
     values = ops.where(ops.isnan(values), ops.zeros_like(values), values)
@@ -177,9 +197,75 @@ def encode_blocks(blocked, scales, uniform=None, code: str = "sqrt"):
 def dequantize_blockwise(codes, scales, block_size: int, code: str = "sqrt"):
     """The float32 values of int8 `codes` with their block `scales`."""
     shape = tuple(codes.shape)
-    blocked = ops.cast(_blocked(ops.cast(codes, "int8"), block_size), "float32")
-    fractions = ops.divide(blocked, float(CODE_MAX))
+    blocked = _blocked(ops.cast(codes, "int8"), block_size)
+    return _unblocked(dequantize_blocks(blocked, scales, code), shape)
+
+
+def dequantize_blocks(codes, scales, code: str = "sqrt"):
+    """`dequantize_blockwise` of codes already in blocks (`[blocks,
+    block_size]`, the first dimension possibly unknown while tracing)."""
+    fractions = ops.divide(ops.cast(codes, "float32"), float(CODE_MAX))
     if code == "sqrt":
         fractions = ops.multiply(fractions, ops.abs(fractions))
-    values = ops.multiply(fractions, ops.expand_dims(ops.cast(scales, "float32"), 1))
-    return _unblocked(values, shape)
+    return ops.multiply(fractions, ops.expand_dims(ops.cast(scales, "float32"), 1))
+
+
+def on_int8_rows(step_fn, row_slot_count: int, block_size: int):
+    """`step_fn`, a step on some rows of a variable, on a momentum stored
+    as blockwise int8, touching only the blocks of those rows.
+
+    `step_fn(value, gradient, *row_slots, momentum, learning_rate,
+    *hyperparameters)` takes the rows stepped (`row_slot_count` other
+    slots' rows, and the momentum's rows in float32) and returns
+    `(new_value, *new_row_slots, new_momentum)`. The returned function
+    takes `(value, gradient, *row_slots, codes, scales, learning_rate,
+    positions, *hyperparameters)`: `codes` and `scales` are the whole
+    groups of rows and blocks that hold the rows stepped (`row_groups`;
+    rows beyond the variable read as zeros), `positions` where each row
+    stepped lies in `codes`. It dequantizes the groups, lets `step_fn`
+    step the rows, and requantizes each block that holds an element of
+    them with its new largest magnitude (other rows in such a block keep
+    their momentum up to that rounding); the other blocks keep their
+    codes and scales. It returns `(new_value, *new_row_slots, codes,
+    scales)`.
+    """
+
+    def step(value, gradient, *arguments):
+        row_slots = arguments[:row_slot_count]
+        codes, scales, learning_rate, positions, *hyperparameters = arguments[
+            row_slot_count:
+        ]
+        # The groups hold whole blocks, so their codes fold into blocks as
+        # they are (the number of groups is unknown while TensorFlow
+        # traces).
+        blocked_codes = ops.reshape(codes, (-1, block_size))
+        average = ops.reshape(
+            dequantize_blocks(blocked_codes, scales), ops.shape(codes)
+        )
+        new_value, *new_row_slots, rows_average = step_fn(
+            value,
+            gradient,
+            *row_slots,
+            ops.take(average, positions, axis=0),
+            learning_rate,
+            *hyperparameters,
+        )
+        rows_average = ops.cast(rows_average, "float32")
+        at_rows = ops.expand_dims(positions, 1)
+        average = ops.scatter_update(average, at_rows, rows_average)
+        new_codes, new_scales = quantize_blocks(
+            finite_float32(ops.reshape(average, (-1, block_size)))
+        )
+        stepped = ops.scatter_update(
+            ops.zeros_like(average), at_rows, ops.ones_like(rows_average)
+        )
+        requantized = ops.greater(ops.max(ops.reshape(stepped, (-1, block_size)), 1), 0)
+        new_codes = ops.where(ops.expand_dims(requantized, 1), new_codes, blocked_codes)
+        return (
+            new_value,
+            *new_row_slots,
+            ops.reshape(new_codes, ops.shape(codes)),
+            ops.where(requantized, new_scales, scales),
+        )
+
+    return step

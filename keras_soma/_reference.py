@@ -621,11 +621,11 @@ def sm3_sparse_step(
     `accumulator` of a vector); the other axes' accumulators, and every
     untouched row of the variable, the accumulator and the momentum, are
     left exactly as they were (no decay, no weight decay, no momentum).
-    With a blockwise int8 momentum SM3 takes no row path (`sm3_step` on
-    the dense gradient applies).
+    A blockwise int8 momentum is dequantized, the touched rows step, and
+    the blocks that hold an element of them are requantized
+    (`requantized_row_blocks`); every other block keeps its codes and
+    scale.
     """
-    if "momentum_scale" in state:
-        raise ValueError("SM3 with an int8 momentum has no row path")
     rows, summed = summed_rows(indices, values)
     row_name = "accumulator_0" if variable.ndim >= 2 else "accumulator"
     touched = apply_weight_decay(variable[rows], learning_rate, weight_decay)
@@ -634,7 +634,14 @@ def sm3_sparse_step(
     nu, new = _sm3_nu_and_accumulators(
         squares, {0: state[row_name][rows]}, variant, beta_2
     )
-    momentum_rows = state["momentum"][rows] if "momentum" in state else None
+    quantized = "momentum_scale" in state
+    average = None
+    momentum_rows = None
+    if quantized:
+        average = _soma_stored_average(state, "int8", block_size)
+        momentum_rows = average[rows]
+    elif "momentum" in state:
+        momentum_rows = state["momentum"][rows]
     new_rows, new_momentum_rows = _sm3_move(
         touched, summed, nu, momentum_rows, learning_rate, momentum, beta_2, epsilon
     )
@@ -642,9 +649,30 @@ def sm3_sparse_step(
     new_variable[rows] = new_rows
     new_state = {name: array.copy() for name, array in state.items()}
     new_state[row_name][rows] = new[0]
-    if new_momentum_rows is not None:
+    if quantized:
+        average[rows] = new_momentum_rows
+        new_state.update(requantized_row_blocks(state, average, rows, block_size))
+    elif new_momentum_rows is not None:
         new_state["momentum"][rows] = new_momentum_rows
     return new_variable, new_state
+
+
+def requantized_row_blocks(state: State, average, rows, block_size: int) -> State:
+    """The int8 `momentum` and `momentum_scale` of `state` with every
+    block that holds an element of `rows` requantized from the float32
+    `average` (the whole momentum, its rows `rows` updated); the other
+    blocks keep their codes and scales: the int8 row paths of Soma and
+    SM3."""
+    codes, scales = quantize_blockwise(average, block_size)
+    row_size = int(np.prod(average.shape[1:], dtype=np.int64))
+    elements = (rows[:, None] * row_size + np.arange(row_size)).ravel()
+    blocks = np.unique(elements // block_size)
+    new_codes = state["momentum"].copy().ravel()
+    in_blocks = np.isin(np.arange(new_codes.size) // block_size, blocks)
+    new_codes[in_blocks] = codes.ravel()[in_blocks]
+    new_scales = state["momentum_scale"].copy()
+    new_scales[blocks] = scales[blocks]
+    return {"momentum": new_codes.reshape(average.shape), "momentum_scale": new_scales}
 
 
 # ---------------------------------------------------------------------------
@@ -689,23 +717,45 @@ def soma_sparse_step(
     weight_decay: float | None = None,
     momentum: float = 0.95,
     momentum_dtype: str = "float32",
+    block_size: int = 256,
 ) -> tuple[np.ndarray, State]:
     """Soma with `lazy_sparse_updates=True` on a row-sliced gradient
     (`values[i]` is the gradient of row `indices[i]`; repeated rows are
     summed): `soma_step` on the rows present; every other row of the
     variable and of the momentum is left exactly as it was (no decay of
-    the average, no move, no weight decay)."""
-    return _lazy_rows_step(
-        soma_step,
-        variable,
-        indices,
-        values,
-        state,
-        learning_rate,
-        weight_decay,
-        momentum=momentum,
-        momentum_dtype=momentum_dtype,
+    the average, no move, no weight decay).
+
+    With `momentum_dtype="int8"` the blocks that hold an element of a row
+    present are dequantized, the rows present take the step, and those
+    blocks are requantized (other rows in them keep their averages up to
+    that rounding); every other block keeps its codes and scale."""
+    if momentum_dtype != "int8":
+        return _lazy_rows_step(
+            soma_step,
+            variable,
+            indices,
+            values,
+            state,
+            learning_rate,
+            weight_decay,
+            momentum=momentum,
+            momentum_dtype=momentum_dtype,
+        )
+    rows, summed = summed_rows(indices, values)
+    average = _soma_stored_average(state, "int8", block_size)
+    row_average = average[rows] * np.float32(momentum) + _saturating_astype(
+        summed, np.float32
+    ) * np.float32(1.0 - momentum)
+    touched = apply_weight_decay(variable[rows], learning_rate, weight_decay)
+    # The rows move by the sign of their float32 average (the requantized
+    # rows it returns are not the blocks' codes and are dropped).
+    new_rows, _ = _soma_move_and_store(
+        touched, row_average, state, learning_rate, "int8", block_size
     )
+    new_variable = variable.copy()
+    new_variable[rows] = new_rows
+    average[rows] = row_average
+    return new_variable, requantized_row_blocks(state, average, rows, block_size)
 
 
 def gradsign_sparse_step(

@@ -17,7 +17,10 @@ The sparse forms a Keras optimizer is handed, by backend:
   whole rows.
 
 A "row-sliced" gradient is one that names whole rows: the optimizers with
-a row path (`update_rows_with`) read and write only those rows. Every
+a row path (`update_rows_with`; `update_int8_rows_with` for a blockwise
+int8 momentum, whose blocks run across rows) read and write only those
+rows (and, for the int8 momentum, the groups of whole rows and blocks
+that hold them). Every
 other sparse gradient is made dense.
 """
 
@@ -128,25 +131,36 @@ def unique_rows(gradient):
     return coalesced.indices()[0], coalesced.values()
 
 
-def gather_rows(variable, indices):
+def gather_rows(variable, indices, padded: bool = False):
     """Rows `indices` of a Keras (or backend) variable.
 
     On TensorFlow a resource gather, which reads those rows and nothing
-    else. On JAX out-of-range indices (BCOO padding) read zeros.
+    else. On JAX out-of-range indices (BCOO padding) read zeros; with
+    `padded=True` indices at or beyond the first dimension read zeros on
+    every backend.
     """
     backend = keras.backend.backend()
+    if backend == "jax":
+        value = ops.convert_to_tensor(variable)
+        return value.at[indices].get(mode="fill", fill_value=0)
+    rows = variable.shape[0]
+    valid = ops.less(indices, rows) if padded else None
+    if valid is not None:
+        indices = ops.minimum(indices, rows - 1)
     if backend == "tensorflow":
         import tensorflow as tf
 
         native = variable.value if isinstance(variable, keras.Variable) else variable
-        return tf.gather(native, indices)
-    value = ops.convert_to_tensor(variable)
-    if backend == "jax":
-        return value.at[indices].get(mode="fill", fill_value=0)
-    return ops.take(value, indices, axis=0)
+        gathered = tf.gather(native, indices)
+    else:
+        gathered = ops.take(ops.convert_to_tensor(variable), indices, axis=0)
+    if valid is None:
+        return gathered
+    valid = ops.reshape(valid, (-1,) + (1,) * (len(gathered.shape) - 1))
+    return ops.where(valid, gathered, ops.zeros_like(gathered))
 
 
-def rows_written(variable, rows, indices):
+def rows_written(variable, rows, indices, padded: bool = False):
     """What to `assign` to `variable` so that its rows `indices` become
     `rows` and the others stay as they are.
 
@@ -154,17 +168,53 @@ def rows_written(variable, rows, indices):
     a scatter that writes those rows only. Elsewhere the variable's new
     value: on JAX `.at[indices].set`, which XLA does in place when the
     step is compiled with the variables donated (out-of-range indices,
-    BCOO padding, are dropped); on torch a scatter into a copy.
+    BCOO padding, are dropped); on torch a scatter into a copy. With
+    `padded=True` rows whose index is at or beyond the first dimension are
+    dropped on every backend.
     """
     backend = keras.backend.backend()
+    if backend == "jax":
+        value = ops.convert_to_tensor(variable)
+        return value.at[indices].set(rows, mode="drop")
+    if padded:
+        valid = ops.less(indices, variable.shape[0])
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            rows, indices = (
+                tf.boolean_mask(rows, valid),
+                tf.boolean_mask(indices, valid),
+            )
+        else:
+            rows, indices = rows[valid], indices[valid]
     if backend == "tensorflow":
         import tensorflow as tf
 
         return tf.IndexedSlices(rows, indices)
     value = ops.convert_to_tensor(variable)
-    if backend == "jax":
-        return value.at[indices].set(rows, mode="drop")
     return ops.scatter_update(value, ops.expand_dims(indices, 1), rows)
+
+
+def unique_with_positions(values, fill_value):
+    """`(unique, positions)` of a 1-D integer tensor: its distinct values
+    and, for each element, the position of its value in `unique`
+    (`unique[positions] == values`). On JAX `unique` keeps the length of
+    `values` (static under `jax.jit`), padded with `fill_value`."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.unique(values)
+    if backend == "jax":
+        import jax.numpy as jnp
+
+        unique, positions = jnp.unique(
+            values, size=values.shape[0], fill_value=fill_value, return_inverse=True
+        )
+        return unique, jnp.reshape(positions, (-1,))
+    import torch
+
+    return torch.unique(values, return_inverse=True)
 
 
 def map_values(gradient, function):

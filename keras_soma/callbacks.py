@@ -140,13 +140,13 @@ class PolyakAveraging(keras.callbacks.Callback):
     @property
     def num_updates(self) -> int:
         """The number of averaging updates made so far (`t`)."""
-        return 0 if self._state is None else _to_int(self._state.num_updates)
+        return 0 if self._state is None else _common.to_int(self._state.num_updates)
 
     @property
     def last_step(self) -> int:
         """The optimizer step of the latest update, or of the start; -1
         before averaging starts."""
-        return -1 if self._state is None else _to_int(self._state.last_step)
+        return -1 if self._state is None else _common.to_int(self._state.last_step)
 
     @property
     def averages(self) -> list[keras.Variable]:
@@ -288,7 +288,7 @@ class PolyakAveraging(keras.callbacks.Callback):
             )
         if started and not self.started:
             optimizer = getattr(self.model, "optimizer", None)
-            steps = 0 if optimizer is None else _to_int(optimizer.iterations)
+            steps = 0 if optimizer is None else _common.to_int(optimizer.iterations)
             raise ValueError(
                 f"PolyakAveraging has not started averaging yet, so `{what}` "
                 f"cannot be used: it starts at optimizer step "
@@ -406,8 +406,8 @@ class _AveragingState(keras.layers.Layer):
         averages = self.model_variables if self.swapped else self.averages
         for index, average in enumerate(averages):
             store[f"average_{index}"] = np.array(ops.convert_to_numpy(average))
-        store["num_updates"] = np.int64(_to_int(self.num_updates))
-        store["last_step"] = np.int64(_to_int(self.last_step))
+        store["num_updates"] = np.int64(_common.to_int(self.num_updates))
+        store["last_step"] = np.int64(_common.to_int(self.last_step))
 
     def load_own_variables(self, store):
         keys = list(store.keys())  # Keras's stores have no iteration.
@@ -572,7 +572,3 @@ def _snapshot(variable):
 
 def _same(first, second) -> bool:
     return len(first) == len(second) and all(a is b for a, b in zip(first, second))
-
-
-def _to_int(variable) -> int:
-    return int(ops.convert_to_numpy(variable))

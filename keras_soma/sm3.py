@@ -124,9 +124,12 @@ class SM3(KerasSomaOptimizer):
     `[ceil(size / block_size)]`). Each step dequantizes `m`, updates it in
     float32, moves the variable by `learning_rate` times that float32 `m`,
     and requantizes `m` with each block's new largest magnitude as its
-    scale. A block runs across rows, so a row-sliced sparse gradient is
-    then applied as the dense gradient it stands for (every row's
-    momentum decays and moves it) rather than through the row path.
+    scale. A row-sliced sparse gradient still takes the row path: a block
+    runs across rows, so the blocks that hold an element of the rows
+    stepped are requantized (the smallest runs of whole rows that are
+    also runs of whole blocks are read and written, `lcm(row size,
+    block_size)` elements each); other rows in those blocks keep their
+    momentum up to the requantization's rounding, and their weights.
 
     Args:
         learning_rate: A float > 0, a `LearningRateSchedule`, or a callable
@@ -261,8 +264,8 @@ class SM3(KerasSomaOptimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         """Preconditions the gradient of `variable` with its accumulators
-        and moves it; rows only for a row-sliced gradient (unless the
-        momentum is blockwise int8, whose blocks run across rows)."""
+        and moves it; rows only for a row-sliced gradient (with a
+        blockwise int8 momentum, the blocks that hold them)."""
         index = self._get_variable_index(variable)
         accumulators = self._accumulators[index]
         if not isinstance(accumulators, list):
@@ -270,7 +273,9 @@ class SM3(KerasSomaOptimizer):
         momentum_value = self._momentums[index]
         rank = len(variable.shape)
         quantized = self._quantized
-        row_path = _sparse.is_row_sliced(gradient) and rank >= 1 and not quantized
+        row_path = _sparse.is_row_sliced(gradient) and rank >= 1
+        # The int8 row path dequantizes and requantizes around `step`.
+        requantizes = quantized and not row_path
         if row_path:
             # The cover shrinks to the rows (axis 0).
             accumulators, axes = accumulators[:1], [0]
@@ -283,7 +288,7 @@ class SM3(KerasSomaOptimizer):
         def step(value, gradient, *state_and_learning_rate):
             *state, learning_rate = state_and_learning_rate
             momentum_state = state[count] if momentum_value is not None else None
-            if quantized:
+            if requantizes:
                 momentum_state = _quantize.dequantize_blockwise(
                     momentum_state, state[count + 1], self.block_size
                 )
@@ -316,12 +321,24 @@ class SM3(KerasSomaOptimizer):
                     )
                 )
             momentum_part = [] if new_momentum is None else [new_momentum]
-            if quantized:
+            if requantizes:
                 momentum_part = _quantize.quantize_blockwise(
                     new_momentum, self.block_size
                 )
             return [new_value, *new_accumulators, *momentum_part]
 
+        if row_path and quantized:
+            self.update_int8_rows_with(
+                step,
+                variable,
+                gradient,
+                accumulators,
+                momentum_value,
+                self._momentum_scales[index],
+                self.block_size,
+                learning_rate,
+            )
+            return
         momentum_part = [] if momentum_value is None else [momentum_value]
         if quantized:
             momentum_part.append(self._momentum_scales[index])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from keras import ops
 
-from keras_soma import _common, _quantize
+from keras_soma import _common, _quantize, _sparse
 from keras_soma._base import (
     KerasSomaOptimizer,
     _overwritten_with_gradient,
@@ -163,8 +163,7 @@ class Soma(KerasSomaOptimizer):
             the moving average; 0 gives signSGD. Defaults to `0.95`.
         momentum_dtype: Dtype in which the moving average is stored,
             `"float32"`, `"bfloat16"`, `"float16"` or `"int8"` (blockwise,
-            see above). It is computed in float32 either way. `"int8"`
-            cannot be combined with `lazy_sparse_updates=True`. Defaults
+            see above). It is computed in float32 either way. Defaults
             to `"float32"`.
         block_size: Int >= 1, elements per float32 scale with
             `momentum_dtype="int8"` (ignored otherwise). Defaults to
@@ -195,8 +194,14 @@ class Soma(KerasSomaOptimizer):
             more than once gets the sum of its gradients): the other rows
             keep their weights and averages, weight decay included, and a
             step costs time in proportion to those rows rather than to the
-            table. Cannot be combined with `gradient_accumulation_steps`.
-            Defaults to `False`.
+            table. With `momentum_dtype="int8"` the blocks that hold an
+            element of those rows are dequantized and requantized (reading
+            and writing the smallest runs of whole rows that are also runs
+            of whole blocks, `lcm(row size, block_size)` elements each);
+            other rows in such a block keep their weights, and their
+            averages up to the requantization's rounding. Cannot be
+            combined with `gradient_accumulation_steps`. Defaults to
+            `False`.
         {{base_optimizer_keyword_args}}
 
     References:
@@ -225,16 +230,6 @@ class Soma(KerasSomaOptimizer):
             "momentum", momentum, 0.0, 1.0, high_inclusive=False
         )
         momentum_dtype, block_size = check_momentum_format(momentum_dtype, block_size)
-        if momentum_dtype == "int8" and lazy_sparse_updates is True:
-            raise ValueError(
-                "Argument `lazy_sparse_updates` must be False with "
-                'momentum_dtype="int8": a block of the int8 average (and its '
-                "scale) runs along the flattened variable across rows, so "
-                "the rows of a sparse gradient cannot be updated alone. Use "
-                'momentum_dtype="float32" or "bfloat16" for lazy row updates; '
-                f"received: lazy_sparse_updates={lazy_sparse_updates!r}, "
-                f"momentum_dtype={momentum_dtype!r}"
-            )
         super().__init__(
             learning_rate=learning_rate,
             name=name,
@@ -353,6 +348,24 @@ class Soma(KerasSomaOptimizer):
         updated moving average (with folded gradient accumulation: folds
         the micro-gradient into the average, and moves at a window's last
         micro-step)."""
+        if (
+            self.momentum_dtype == "int8"
+            and self.lazy_sparse_updates
+            and _sparse.is_row_sliced(gradient)
+        ):
+            index = self._get_variable_index(variable)
+            self.update_int8_rows_with(
+                soma_update,
+                variable,
+                gradient,
+                [],
+                self._momentums[index],
+                self._momentum_scales[index],
+                self.block_size,
+                learning_rate,
+                hyperparameters=(self.momentum,),
+            )
+            return
         index = self._get_variable_index(variable)
         slots = [self._momentums[index]]
         if self._window_starts is None:

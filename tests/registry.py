@@ -129,10 +129,6 @@ register(
             ({"momentum": "high"}, "momentum"),
             ({"momentum_dtype": "int4"}, "momentum_dtype"),
             ({"block_size": 0}, "block_size"),
-            (
-                {"momentum_dtype": "int8", "lazy_sparse_updates": True},
-                "lazy_sparse_updates",
-            ),
             ({"momentum_dtype": "float64x"}, "momentum_dtype"),
             ({"lazy_sparse_updates": "yes"}, "lazy_sparse_updates"),
             (
@@ -279,15 +275,21 @@ _soma_int8 = OptimizerSpec(
         ({"block_size": True}, "block_size"),
         ({"momentum_dtype": "uint8"}, "momentum_dtype"),
         ({"momentum_dtype": "int4"}, "momentum_dtype"),
-        ({"lazy_sparse_updates": True}, "lazy_sparse_updates"),
+        (
+            {"lazy_sparse_updates": True, "gradient_accumulation_steps": 2},
+            "lazy_sparse_updates",
+        ),
     ],
     config_case={
         "learning_rate": 3e-3,
         "momentum": 0.8,
         "momentum_dtype": "int8",
         "block_size": 64,
+        "lazy_sparse_updates": True,
     },
     argument_ranges={"momentum": (0.0, 1.0, True, False)},
+    sparse_reference_step=_reference.soma_sparse_step,
+    sparse_arguments={"lazy_sparse_updates": True},
     # The block maximum folds each block onto itself three times before
     # XLA's reduction (`_quantize.block_absmax`), so what is materialized
     # for the new scales is an eighth of the average, not all of it: XLA's
@@ -342,8 +344,8 @@ _sm3_int8 = OptimizerSpec(
         "block_size": 64,
         "variant": "I",
     },
-    # A block runs across rows: a row-sliced gradient is applied densely
-    # (no row path, `sparse_reference_step` None).
+    # The row path requantizes the blocks of the rows stepped.
+    sparse_reference_step=_reference.sm3_sparse_step,
     # SM3's update materializes a float32 temporary the size of the
     # momentum, and the block maximum an eighth of it
     # (`_quantize.block_absmax`): XLA's analysis gives 1.86-1.87 times the

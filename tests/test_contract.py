@@ -523,7 +523,12 @@ def test_row_sparse_gradients_equal_dense_or_the_row_reference(spec, mode):
             sparse_step(indices, values)
             if row_path:
                 expected_variable, expected_state = spec.sparse_reference_step(
-                    expected_variable, indices, values, expected_state, learning_rate
+                    expected_variable,
+                    indices,
+                    values,
+                    expected_state,
+                    learning_rate,
+                    **spec.arguments,
                 )
             else:
                 dense = np.zeros(shape, "float32")

@@ -109,3 +109,24 @@ def test_block_absmax_is_each_blocks_largest_magnitude(block_size):
     blocked[2] = 0.0
     got = to_numpy(_quantize.block_absmax(keras.ops.convert_to_tensor(blocked)))
     np.testing.assert_array_equal(got, np.abs(blocked).max(axis=1))
+
+
+@pytest.mark.parametrize(
+    "shape, block_size",
+    [((40, 6), 4), ((40,), 256), ((5, 512), 256), ((9, 64), 256), ((7, 3, 5), 6)],
+)
+def test_row_groups_are_runs_of_whole_rows_and_whole_blocks(shape, block_size):
+    """`row_groups` (the int8 lazy row path's unit): the smallest number
+    of rows whose elements are also whole blocks, so no block holds
+    elements of two groups."""
+    from keras_soma import _quantize
+
+    rows, blocks = _quantize.row_groups(shape, block_size)
+    row_size = int(np.prod(shape[1:]))
+    assert rows * row_size == blocks * block_size
+    group_of_element = np.arange(shape[0] * row_size) // (rows * row_size)
+    block_of_element = np.arange(shape[0] * row_size) // block_size
+    for block in np.unique(block_of_element):
+        assert len(np.unique(group_of_element[block_of_element == block])) == 1
+    # No smaller run of rows ends on a block boundary.
+    assert all((fewer * row_size) % block_size for fewer in range(1, rows))

@@ -620,15 +620,6 @@ def test_int8_moves_by_the_sign_of_the_float_average():
     )
 
 
-def test_int8_with_lazy_sparse_updates_is_refused():
-    with pytest.raises(ValueError) as raised:
-        keras_soma.Soma(momentum_dtype="int8", lazy_sparse_updates=True)
-    message = str(raised.value)
-    assert "`lazy_sparse_updates`" in message
-    assert "lazy_sparse_updates=True" in message
-    assert "momentum_dtype='int8'" in message
-
-
 @pytest.mark.parametrize("block_size", [0, -1, 2.5, "256", True, None])
 def test_block_size_must_be_a_positive_integer(block_size):
     with pytest.raises(ValueError) as raised:
