@@ -168,25 +168,26 @@ def rows_written(variable, rows, indices, padded: bool = False):
     a scatter that writes those rows only. Elsewhere the variable's new
     value: on JAX `.at[indices].set`, which XLA does in place when the
     step is compiled with the variables donated (out-of-range indices,
-    BCOO padding, are dropped); on torch a scatter into a copy. With
-    `padded=True` rows whose index is at or beyond the first dimension are
-    dropped on every backend.
+    BCOO padding, are dropped); on torch a scatter into a copy.
+
+    With `padded=True`, `indices` are runs of consecutive rows, and rows
+    at or beyond the first dimension are not written on any backend. On
+    TensorFlow and torch each such row follows the variable's last row in
+    its run, and is written there with that row's values (the same values
+    several times), which keeps every shape as it is: dropping the rows
+    with a boolean mask instead lost every write under XLA
+    (`jit_compile=True`, TensorFlow 2.21).
     """
     backend = keras.backend.backend()
     if backend == "jax":
         value = ops.convert_to_tensor(variable)
         return value.at[indices].set(rows, mode="drop")
     if padded:
-        valid = ops.less(indices, variable.shape[0])
-        if backend == "tensorflow":
-            import tensorflow as tf
-
-            rows, indices = (
-                tf.boolean_mask(rows, valid),
-                tf.boolean_mask(indices, valid),
-            )
-        else:
-            rows, indices = rows[valid], indices[valid]
+        last = variable.shape[0] - 1
+        beyond = ops.maximum(ops.subtract(indices, last), 0)
+        steps = ops.arange(ops.shape(indices)[0], dtype=indices.dtype)
+        rows = ops.take(rows, ops.subtract(steps, beyond), axis=0)
+        indices = ops.minimum(indices, last)
     if backend == "tensorflow":
         import tensorflow as tf
 
