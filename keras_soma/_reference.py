@@ -729,33 +729,29 @@ def soma_sparse_step(
     present are dequantized, the rows present take the step, and those
     blocks are requantized (other rows in them keep their averages up to
     that rounding); every other block keeps its codes and scale."""
-    if momentum_dtype != "int8":
-        return _lazy_rows_step(
-            soma_step,
-            variable,
-            indices,
-            values,
-            state,
-            learning_rate,
-            weight_decay,
-            momentum=momentum,
-            momentum_dtype=momentum_dtype,
-        )
-    rows, summed = summed_rows(indices, values)
-    average = _soma_stored_average(state, "int8", block_size)
-    row_average = average[rows] * np.float32(momentum) + _saturating_astype(
-        summed, np.float32
-    ) * np.float32(1.0 - momentum)
-    touched = apply_weight_decay(variable[rows], learning_rate, weight_decay)
-    # The rows move by the sign of their float32 average (the requantized
-    # rows it returns are not the blocks' codes and are dropped).
-    new_rows, _ = _soma_move_and_store(
-        touched, row_average, state, learning_rate, "int8", block_size
+    quantized = momentum_dtype == "int8"
+    # An int8 average steps its rows in float32, as a float32 one does.
+    row_state = (
+        {"momentum": _soma_stored_average(state, "int8", block_size)}
+        if quantized
+        else state
     )
-    new_variable = variable.copy()
-    new_variable[rows] = new_rows
-    average[rows] = row_average
-    return new_variable, requantized_row_blocks(state, average, rows, block_size)
+    new_variable, new_state = _lazy_rows_step(
+        soma_step,
+        variable,
+        indices,
+        values,
+        row_state,
+        learning_rate,
+        weight_decay,
+        momentum=momentum,
+        momentum_dtype="float32" if quantized else momentum_dtype,
+    )
+    if quantized:
+        new_state = requantized_row_blocks(
+            state, new_state["momentum"], np.unique(indices), block_size
+        )
+    return new_variable, new_state
 
 
 def gradsign_sparse_step(
