@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
-from keras_soma import _fused, _sm3_math
+from keras_soma import _fused, _quantize, _sm3_math
 
 # About this many elements per block, so that a block of the gradient and
 # its temporaries stay in a core's cache, and only for variables of at
@@ -31,15 +31,21 @@ BLOCK_ELEMENTS = 2**15
 MIN_BLOCKED_ELEMENTS = 2**18
 
 
-def block_rows(shape: Sequence[int]) -> int | None:
+def block_rows(shape: Sequence[int], multiple: int = 1) -> int | None:
     """Rows per block of the row-blocked path for a variable of `shape`,
-    or None where that path does not apply (rank < 2, or too small)."""
+    a multiple of `multiple`, or None where that path does not apply
+    (rank < 2, too small, or fewer than two blocks of rows).
+
+    A blockwise int8 momentum passes the rows of its smallest run of
+    whole quantization blocks (`_quantize.row_groups`) as `multiple`, so
+    that each block of rows requantizes whole blocks of its own."""
     if len(shape) < 2 or any(dimension is None for dimension in shape):
         return None
     row_elements = math.prod(shape[1:])
     if row_elements * shape[0] < MIN_BLOCKED_ELEMENTS:
         return None
     rows = max(1, BLOCK_ELEMENTS // max(row_elements, 1))
+    rows = max(multiple, rows - rows % multiple)
     if rows * 2 > shape[0]:
         return None
     return rows
@@ -89,10 +95,14 @@ def refusal(reason: str) -> ValueError:
 
 
 def rows_per_block(
-    shape: Sequence[int], variant: str, blocked: bool | None, fused: bool | None
+    shape: Sequence[int],
+    variant: str,
+    blocked: bool | None,
+    fused: bool | None,
+    multiple: int = 1,
 ) -> int | None:
     """Rows per block where a dense update of a variable of `shape` runs
-    block by block, else None.
+    block by block, else None; a multiple of `multiple` (`block_rows`).
 
     The path exists where XLA compiles the update (`WHERE`; a loop over
     blocks of a variable sharded by a Keras distribution would need the
@@ -100,8 +110,9 @@ def rows_per_block(
     on GPU and TPU XLA fuses reductions itself and a loop of small kernels
     would be slow. `blocked=True` takes it there on any device and raises
     a ValueError where it does not exist; `blocked=False` never takes it.
-    Variables of rank < 2 or of fewer than `MIN_BLOCKED_ELEMENTS` elements
-    always take the whole-tensor update.
+    Variables of rank < 2, of fewer than `MIN_BLOCKED_ELEMENTS` elements,
+    or with fewer than two runs of `multiple` rows always take the
+    whole-tensor update.
     """
     if blocked is False:
         return None
@@ -110,7 +121,7 @@ def rows_per_block(
         if blocked:
             raise refusal(reason)
         return None
-    rows = block_rows(tuple(shape))
+    rows = block_rows(tuple(shape), multiple)
     if rows is None or blocked:
         return rows
     return None if _on_accelerator() else rows
@@ -139,6 +150,8 @@ def sm3_update_blocked(
     momentum: float,
     beta_2: float,
     epsilon: float,
+    momentum_scales=None,
+    block_size: int | None = None,
 ):
     """`sm3_update` for variant II and a dense gradient of rank >= 2, with
     the new accumulators computed `rows_per_block` rows at a time.
@@ -148,7 +161,17 @@ def sm3_update_blocked(
     float32 rounding (XLA may contract `A + g * g` into one fused
     multiply-add in one form and not the other).
 
-    Returns `(new_value, new_accumulators, new_momentum)` as `sm3_update`.
+    With `block_size`, `momentum_value` holds the int8 codes of a
+    blockwise momentum and `momentum_scales` their block scales
+    (`keras_soma._quantize`), and `rows_per_block` must be a multiple of
+    the rows of a run of whole blocks (`block_rows`). The new momentum is
+    then averaged and requantized block of rows by block of rows in the
+    same loop, so that no float32 momentum of the variable's size is
+    made; the variable moves along the float32 average, as in the
+    whole-tensor step.
+
+    Returns `(new_value, new_accumulators, new_momentum)` as `sm3_update`;
+    with `block_size`, `new_momentum` is `[codes, scales]`.
     """
     shape = tuple(value.shape)
     rank = len(shape)
@@ -156,10 +179,26 @@ def sm3_update_blocked(
     gradient = ops.cast(gradient, "float32")
     accumulators = [ops.cast(accumulator, "float32") for accumulator in accumulators]
     full_blocks, remainder = divmod(shape[0], rows_per_block)
+    quantized = block_size is not None
+    if quantized:
+        codes = momentum_value
+        momentum_value = _quantize.dequantize_blockwise(
+            codes, momentum_scales, block_size
+        )
+        # Scales per block of rows: whole quantization blocks (checked).
+        scales_per_block, partial = divmod(
+            rows_per_block * math.prod(shape[1:]), block_size
+        )
+        if partial:
+            raise ValueError(
+                f"rows_per_block={rows_per_block} rows of {shape[1:]} are not "
+                f"whole blocks of block_size={block_size}"
+            )
 
-    def accumulate_block(start, rows, carry):
-        first_axis, other_axes = carry
-        block = ops.slice(gradient, [start] + [0] * (rank - 1), [rows, *shape[1:]])
+    def step_block(start, rows, carry, scales_start=None, scale_count=None):
+        first_axis, other_axes, *momentum_carry = carry
+        corner = [start] + [0] * (rank - 1)
+        block = ops.slice(gradient, corner, [rows, *shape[1:]])
         block_accumulators = [
             ops.slice(accumulators[0], [start], [rows]),
             *accumulators[1:],
@@ -173,27 +212,56 @@ def sm3_update_blocked(
             ops.maximum(running, _sm3_math.reduce_to(nu, axis, rank))
             for running, axis in zip(other_axes, axes[1:])
         ]
-        return first_axis, other_axes
+        if not quantized:
+            return first_axis, other_axes
+        new_codes, new_scales = momentum_carry
+        old = _quantize.dequantize_blockwise(
+            ops.slice(codes, corner, [rows, *shape[1:]]),
+            ops.slice(momentum_scales, [scales_start], [scale_count]),
+            block_size,
+        )
+        update = _sm3_math.preconditioned(block, nu, beta_2, epsilon)
+        block_codes, block_scales = _quantize.quantize_blockwise(
+            _sm3_math.average(old, update, momentum), block_size
+        )
+        new_codes = ops.slice_update(new_codes, corner, block_codes)
+        new_scales = ops.slice_update(new_scales, [scales_start], block_scales)
+        return first_axis, other_axes, new_codes, new_scales
 
     carry = (
         ops.zeros((shape[0],), "float32"),
         [ops.zeros((dimension,), "float32") for dimension in shape[1:]],
     )
-    carry = ops.fori_loop(
-        0,
-        full_blocks,
-        lambda index, loop_carry: accumulate_block(
-            index * rows_per_block, rows_per_block, loop_carry
-        ),
-        carry,
-    )
+    if quantized:
+        carry = (*carry, codes, momentum_scales)
+
+    def loop_step(index, loop_carry):
+        scales_start = index * scales_per_block if quantized else None
+        return step_block(
+            index * rows_per_block,
+            rows_per_block,
+            loop_carry,
+            scales_start,
+            scales_per_block if quantized else None,
+        )
+
+    carry = ops.fori_loop(0, full_blocks, loop_step, carry)
     if remainder:
-        carry = accumulate_block(full_blocks * rows_per_block, remainder, carry)
-    first_axis, other_axes = carry
+        scales_start = full_blocks * scales_per_block if quantized else None
+        carry = step_block(
+            full_blocks * rows_per_block,
+            remainder,
+            carry,
+            scales_start,
+            momentum_scales.shape[0] - scales_start if quantized else None,
+        )
+    first_axis, other_axes, *new_momentum = carry
 
     nu = _sm3_math.variant_two_nu(gradient, accumulators, axes, beta_2)
     update = _sm3_math.preconditioned(gradient, nu, beta_2, epsilon)
-    new_value, new_momentum = _sm3_math.move(
+    new_value, float_momentum = _sm3_math.move(
         value, update, momentum_value, learning_rate, momentum
     )
+    if not quantized:
+        new_momentum = float_momentum
     return new_value, [first_axis, *other_axes], new_momentum

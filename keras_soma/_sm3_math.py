@@ -99,6 +99,14 @@ def preconditioned(gradient, nu, beta_2: float, epsilon: float):
     return ops.clip(update, -bound, bound)
 
 
+def average(momentum_value, update, momentum: float):
+    """The new momentum in float32: `momentum * m + (1 - momentum) * update`."""
+    return ops.add(
+        ops.multiply(ops.cast(momentum_value, "float32"), momentum),
+        ops.multiply(update, 1.0 - momentum),
+    )
+
+
 def move(value, update, momentum_value, learning_rate, momentum: float):
     """The momentum (if any) and the variable after a step along `update`.
 
@@ -108,11 +116,9 @@ def move(value, update, momentum_value, learning_rate, momentum: float):
     new_momentum = None
     direction = update
     if momentum_value is not None:
-        new_momentum = ops.add(
-            ops.multiply(ops.cast(momentum_value, "float32"), momentum),
-            ops.multiply(update, 1.0 - momentum),
+        new_momentum = ops.cast(
+            average(momentum_value, update, momentum), momentum_value.dtype
         )
-        new_momentum = ops.cast(new_momentum, momentum_value.dtype)
         direction = new_momentum
     step = ops.multiply(learning_rate, ops.cast(direction, value.dtype))
     return ops.subtract(value, step), new_momentum

@@ -288,7 +288,7 @@ class SM3(KerasSomaOptimizer):
         def step(value, gradient, *state_and_learning_rate):
             *state, learning_rate = state_and_learning_rate
             momentum_state = state[count] if momentum_value is not None else None
-            if requantizes:
+            if requantizes and rows_per_block is None:
                 momentum_state = _quantize.dequantize_blockwise(
                     momentum_state, state[count + 1], self.block_size
                 )
@@ -317,14 +317,22 @@ class SM3(KerasSomaOptimizer):
                         momentum_state,
                         learning_rate,
                         rows_per_block=rows_per_block,
+                        # An int8 momentum is requantized in the blocks.
+                        momentum_scales=state[count + 1] if requantizes else None,
+                        block_size=self.block_size if requantizes else None,
                         **hyperparameters,
                     )
                 )
-            momentum_part = [] if new_momentum is None else [new_momentum]
-            if requantizes:
+            if new_momentum is None:
+                momentum_part = []
+            elif requantizes and rows_per_block is None:
                 momentum_part = _quantize.quantize_blockwise(
                     new_momentum, self.block_size
                 )
+            elif requantizes:
+                momentum_part = new_momentum  # codes and scales
+            else:
+                momentum_part = [new_momentum]
             return [new_value, *new_accumulators, *momentum_part]
 
         if row_path and quantized:
@@ -401,8 +409,13 @@ class SM3(KerasSomaOptimizer):
     def _rows_per_block(self, variable) -> int | None:
         """Rows per block where the dense update of `variable` runs block
         by block (`_sm3_blocked.sm3_update_blocked`), else None."""
+        shape = tuple(variable.shape)
+        multiple = 1
+        if self._quantized and len(shape) >= 2:
+            # Each block of rows requantizes whole blocks of its own.
+            multiple = _quantize.row_groups(shape, self.block_size)[0]
         return _sm3_blocked.rows_per_block(
-            tuple(variable.shape), self.variant, self.blocked, self.fused
+            shape, self.variant, self.blocked, self.fused, multiple
         )
 
     def _check_requested_paths(self, in_update: bool) -> None:

@@ -346,11 +346,14 @@ _sm3_int8 = OptimizerSpec(
     },
     # The row path requantizes the blocks of the rows stepped.
     sparse_reference_step=_reference.sm3_sparse_step,
-    # SM3's update materializes a float32 temporary the size of the
+    # SM3's whole-tensor update (where the row-blocked one does not run:
+    # on GPU and TPU) materializes a float32 temporary the size of the
     # momentum, and the block maximum an eighth of it
     # (`_quantize.block_absmax`): XLA's analysis gives 1.86-1.87 times the
     # largest variable at block sizes 256-64 on the test's shapes (2.58
-    # with one plain reduction for the scales), JAX 0.10 on CPU.
+    # with one plain reduction for the scales), JAX 0.10 on CPU. The
+    # row-blocked update requantizes block by block and stays within one
+    # variable (tests/test_sm3.py).
     temporary_allowance=2.0,
 )
 STATE_FORMATS[_sm3_int8.name] = _sm3_int8
