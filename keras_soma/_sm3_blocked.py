@@ -199,8 +199,9 @@ def sm3_update_blocked(
         first_axis, other_axes, *momentum_carry = carry
         corner = [start] + [0] * (rank - 1)
         block = ops.slice(gradient, corner, [rows, *shape[1:]])
+        # A block's rows of the carry still hold their old accumulator.
         block_accumulators = [
-            ops.slice(accumulators[0], [start], [rows]),
+            ops.slice(first_axis, [start], [rows]),
             *accumulators[1:],
         ]
         nu = _sm3_math.variant_two_nu(block, block_accumulators, axes, beta_2)
@@ -214,10 +215,11 @@ def sm3_update_blocked(
         ]
         if not quantized:
             return first_axis, other_axes
+        # As the accumulator: the block's codes and scales are still old.
         new_codes, new_scales = momentum_carry
         old = _quantize.dequantize_blockwise(
-            ops.slice(codes, corner, [rows, *shape[1:]]),
-            ops.slice(momentum_scales, [scales_start], [scale_count]),
+            ops.slice(new_codes, corner, [rows, *shape[1:]]),
+            ops.slice(new_scales, [scales_start], [scale_count]),
             block_size,
         )
         update = _sm3_math.preconditioned(block, nu, beta_2, epsilon)
@@ -228,9 +230,29 @@ def sm3_update_blocked(
         new_scales = ops.slice_update(new_scales, [scales_start], block_scales)
         return first_axis, other_axes, new_codes, new_scales
 
+    # The element-wise pass first: it reads the old accumulators (and the
+    # old momentum), which the loop below then overwrites in place. A zero
+    # computed from one element of its result starts the running maxima,
+    # so that XLA must finish the pass before the loop and needs no copy
+    # of what the loop overwrites.
+    nu = _sm3_math.variant_two_nu(gradient, accumulators, axes, beta_2)
+    update = _sm3_math.preconditioned(gradient, nu, beta_2, epsilon)
+    new_value, new_momentum = _sm3_math.move(
+        value, update, momentum_value, learning_rate, momentum
+    )
+    after_the_pass = ops.multiply(
+        ops.cast(ops.isnan(ops.reshape(new_value, (-1,))[0]), "float32"), 0.0
+    )
+
+    # The first axis's accumulator is overwritten block by block (every
+    # row is in one block); the running maxima start from 0, their
+    # identity (nu >= 0).
     carry = (
-        ops.zeros((shape[0],), "float32"),
-        [ops.zeros((dimension,), "float32") for dimension in shape[1:]],
+        accumulators[0],
+        [
+            ops.add(ops.zeros((dimension,), "float32"), after_the_pass)
+            for dimension in shape[1:]
+        ],
     )
     if quantized:
         carry = (*carry, codes, momentum_scales)
@@ -255,13 +277,7 @@ def sm3_update_blocked(
             scales_start,
             momentum_scales.shape[0] - scales_start if quantized else None,
         )
-    first_axis, other_axes, *new_momentum = carry
-
-    nu = _sm3_math.variant_two_nu(gradient, accumulators, axes, beta_2)
-    update = _sm3_math.preconditioned(gradient, nu, beta_2, epsilon)
-    new_value, float_momentum = _sm3_math.move(
-        value, update, momentum_value, learning_rate, momentum
-    )
-    if not quantized:
-        new_momentum = float_momentum
+    first_axis, other_axes, *momentum_carry = carry
+    if quantized:
+        new_momentum = momentum_carry
     return new_value, [first_axis, *other_axes], new_momentum
