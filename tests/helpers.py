@@ -115,6 +115,30 @@ def _jax_compiled_stepper(optimizer, variables, make_gradients) -> Callable:
 # ---------------------------------------------------------------------------
 
 
+def compiled_step_memory(optimizer, variables, gradients):
+    """XLA's `memory_analysis()` of a jitted `stateless_apply` step of a
+    built `optimizer` on JAX, the variables and the optimizer's state
+    donated (as Keras's JAX trainer donates its state), so that what is
+    updated in place is not counted as temporaries."""
+    import jax
+
+    def step(variable_values, optimizer_values, gradient_values):
+        return optimizer.stateless_apply(
+            optimizer_values, gradient_values, variable_values
+        )
+
+    return (
+        jax.jit(step, donate_argnums=(0, 1))
+        .lower(
+            [variable.value for variable in variables],
+            [value.value for value in optimizer.variables],
+            gradients,
+        )
+        .compile()
+        .memory_analysis()
+    )
+
+
 def sparse_modes() -> list[str]:
     """Modes a sparse gradient can be applied in: eagerly everywhere, and
     traced on TensorFlow (tf.function) and JAX (jax.jit)."""

@@ -16,6 +16,7 @@ from conftest import requires_tensorflow, requires_torch
 from helpers import (
     TOLERANCE,
     assert_refused_changing_nothing,
+    compiled_step_memory,
     make_row_stepper,
     make_stepper,
     native_elementwise_gradient,
@@ -622,19 +623,6 @@ def test_keras_adam_is_the_eight_byte_yardstick():
     ) == 0.5 * measured_bytes_per_parameter(keras.optimizers.Adam())
 
 
-def stateless_step(optimizer):
-    """`step(variable_values, optimizer_values, gradient_values)`, the
-    arguments in the order of the results, so that each donated buffer
-    can hold the result of the same variable."""
-
-    def step(variable_values, optimizer_values, gradient_values):
-        return optimizer.stateless_apply(
-            optimizer_values, gradient_values, variable_values
-        )
-
-    return step
-
-
 @pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="XLA's memory analysis, read through JAX"
 )
@@ -643,8 +631,6 @@ def test_compiled_step_needs_at_most_one_variable_sized_temporary(spec):
     """The performance issue's memory bound: besides the variables, the
     gradients and the state (all updated in place), a compiled step may
     allocate at most one temporary the size of the largest variable."""
-    import jax
-
     shapes = [(1024, 512), (512,), (512, 256), (256,)]
     variables = [keras.Variable(np.ones(shape, "float32")) for shape in shapes]
     gradients = [keras.ops.ones(shape) for shape in shapes]
@@ -652,17 +638,7 @@ def test_compiled_step_needs_at_most_one_variable_sized_temporary(spec):
     for kwargs, _ in spec.bytes_per_parameter:
         optimizer = spec.make(**kwargs)
         optimizer.build(variables)
-
-        compiled = (
-            jax.jit(stateless_step(optimizer), donate_argnums=(0, 1))
-            .lower(
-                [v.value for v in variables],
-                [v.value for v in optimizer.variables],
-                gradients,
-            )
-            .compile()
-        )
-        analysis = compiled.memory_analysis()
+        analysis = compiled_step_memory(optimizer, variables, gradients)
         assert analysis.temp_size_in_bytes <= spec.temporary_allowance * largest, (
             kwargs,
             analysis.temp_size_in_bytes,

@@ -18,6 +18,7 @@ import pytest
 from conftest import requires_jax, requires_tensorflow, requires_torch
 from helpers import (
     assert_refused_changing_nothing,
+    compiled_step_memory,
     make_stepper,
     modes_for_backend,
     op_determinism,
@@ -943,28 +944,16 @@ def test_blocked_update_overwrites_the_row_accumulator_in_place():
     at 65,536 rows (a block's 2**15 elements), against 1.00 when XLA was
     free to run the loop first (it copied the old accumulator) and 2.01
     when the loop wrote a buffer of its own (JAX 0.10 on CPU)."""
-    import jax
-
     rows = 65_536
     variable = keras.Variable(np.zeros((rows, 64), "float32"))
     optimizer = keras_soma.SM3(momentum=0.0)
     optimizer.build([variable])
     assert optimizer._rows_per_block(variable) is not None
 
-    def step(values, optimizer_values, gradient_values):
-        return optimizer.stateless_apply(optimizer_values, gradient_values, values)
-
-    compiled = (
-        jax.jit(step, donate_argnums=(0, 1))
-        .lower(
-            [variable.value],
-            [v.value for v in optimizer.variables],
-            [keras.ops.zeros((rows, 64))],
-        )
-        .compile()
-    )
     row_accumulator_bytes = 4 * rows
-    temporaries = compiled.memory_analysis().temp_size_in_bytes
+    temporaries = compiled_step_memory(
+        optimizer, [variable], [keras.ops.zeros((rows, 64))]
+    ).temp_size_in_bytes
     assert temporaries < 0.75 * row_accumulator_bytes, (
         temporaries / row_accumulator_bytes
     )
@@ -982,8 +971,6 @@ def test_int8_momentum_in_row_blocks_needs_less_than_one_variable_of_temporaries
     compiled step (variables and state donated) gives its temporaries at
     0.57 times the largest variable, against 1.86-1.87 for the
     whole-tensor update (measured, JAX 0.10 on CPU)."""
-    import jax
-
     shapes = [(1024, 512), (512,), (512, 256), (256,)]
     variables = [keras.Variable(np.ones(shape, "float32")) for shape in shapes]
     gradients = [keras.ops.ones(shape) for shape in shapes]
@@ -995,20 +982,9 @@ def test_int8_momentum_in_row_blocks_needs_less_than_one_variable_of_temporaries
         )
         optimizer.build(variables)
         assert (optimizer._rows_per_block(variables[0]) is None) == (blocked is False)
-
-        def step(values, optimizer_values, gradient_values, optimizer=optimizer):
-            return optimizer.stateless_apply(optimizer_values, gradient_values, values)
-
-        compiled = (
-            jax.jit(step, donate_argnums=(0, 1))
-            .lower(
-                [v.value for v in variables],
-                [v.value for v in optimizer.variables],
-                gradients,
-            )
-            .compile()
-        )
-        temporaries[blocked] = compiled.memory_analysis().temp_size_in_bytes
+        temporaries[blocked] = compiled_step_memory(
+            optimizer, variables, gradients
+        ).temp_size_in_bytes
     assert temporaries[None] < largest < temporaries[False], temporaries
 
 
