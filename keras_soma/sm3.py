@@ -159,10 +159,12 @@ class SM3(KerasSomaOptimizer):
             of rank >= 2 and 2**18+ elements block of rows by block of rows:
             same numbers, temporaries of a block. The path exists where XLA
             compiles the update (the fused kernel on TensorFlow; JAX without
-            a Keras distribution). `None` takes it there on CPU, `True` on
-            any device and raises a ValueError where it does not exist
-            (variant "I", other backends, `fused=False`), `False` never.
-            Defaults to `None`.
+            a Keras distribution). `None` takes it there on CPU for the
+            variables that hold at least 1/16 of the parameters the
+            optimizer was built for (each loop costs compile memory once),
+            `True` for every such variable on any device and raises a
+            ValueError where the path does not exist (variant "I", other
+            backends, `fused=False`), `False` never. Defaults to `None`.
         {{base_optimizer_keyword_args}}
 
     References:
@@ -228,6 +230,8 @@ class SM3(KerasSomaOptimizer):
         if self.built:
             return
         super().build(var_list)
+        # For `blocked=None`: which variables are large enough to block.
+        self._built_elements = sum(math.prod(v.shape) for v in var_list)
         self._accumulators = []
         self._momentums = []
         for variable in var_list:
@@ -415,7 +419,12 @@ class SM3(KerasSomaOptimizer):
             # Each block of rows requantizes whole blocks of its own.
             multiple = _quantize.row_groups(shape, self.block_size)[0]
         return _sm3_blocked.rows_per_block(
-            shape, self.variant, self.blocked, self.fused, multiple
+            shape,
+            self.variant,
+            self.blocked,
+            self.fused,
+            multiple,
+            total_elements=getattr(self, "_built_elements", None),
         )
 
     def _check_requested_paths(self, in_update: bool) -> None:
