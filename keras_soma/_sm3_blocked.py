@@ -69,6 +69,15 @@ WHERE = (
 )
 
 
+def total_elements(variables) -> int | None:
+    """The elements of `variables` together, or None if a shape is not
+    fully known (then `rows_per_block` applies no share rule)."""
+    shapes = [tuple(variable.shape) for variable in variables]
+    if any(dimension is None for shape in shapes for dimension in shape):
+        return None
+    return sum(math.prod(shape) for shape in shapes)
+
+
 def unavailable_reason(
     variant: str, fused: bool | None, in_update: bool = True
 ) -> str | None:
@@ -117,11 +126,15 @@ def rows_per_block(
 
     The path exists where XLA compiles the update (`WHERE`; a loop over
     blocks of a variable sharded by a Keras distribution would need the
-    sharding's cooperation). `blocked=None` takes it there on CPU only:
-    on GPU and TPU XLA fuses reductions itself and a loop of small kernels
-    would be slow. `blocked=True` takes it there on any device and raises
-    a ValueError where it does not exist; `blocked=False` never takes it.
-    Variables of rank < 2, of fewer than `MIN_BLOCKED_ELEMENTS` elements,
+    sharding's cooperation). `blocked=None` takes it there on CPU only
+    (on GPU and TPU XLA fuses reductions itself and a loop of small
+    kernels would be slow), and only for a variable of at least
+    `MIN_BLOCKED_SHARE` of `total_elements`, the elements of the variables
+    the optimizer was built for, where known (each loop costs compile
+    memory once, which a small variable's temporary does not repay).
+    `blocked=True` takes it there on any device for every variable and
+    raises a ValueError where it does not exist; `blocked=False` never
+    takes it. Variables of rank < 2, of fewer than `MIN_BLOCKED_ELEMENTS` elements,
     or with fewer than two runs of `multiple` rows always take the
     whole-tensor update.
     """

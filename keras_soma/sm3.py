@@ -221,6 +221,8 @@ class SM3(KerasSomaOptimizer):
         self.epsilon = epsilon
         self.variant = variant
         self.blocked = blocked
+        # Set by `build`: the elements of the variables it was given.
+        self._built_elements = None
 
     def build(self, var_list):
         """Creates the accumulators (one float32 vector per axis for rank
@@ -231,7 +233,7 @@ class SM3(KerasSomaOptimizer):
             return
         super().build(var_list)
         # For `blocked=None`: which variables are large enough to block.
-        self._built_elements = sum(math.prod(v.shape) for v in var_list)
+        self._built_elements = _sm3_blocked.total_elements(var_list)
         self._accumulators = []
         self._momentums = []
         for variable in var_list:
@@ -424,7 +426,7 @@ class SM3(KerasSomaOptimizer):
             self.blocked,
             self.fused,
             multiple,
-            total_elements=getattr(self, "_built_elements", None),
+            total_elements=self._built_elements,
         )
 
     def _check_requested_paths(self, in_update: bool) -> None:

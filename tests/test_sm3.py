@@ -687,11 +687,40 @@ def test_variant_one_and_op_by_op_updates_are_not_blocked(tiny_blocks):
         assert keras_soma.SM3()._rows_per_block(variable) is None
 
 
+def test_share_rule_of_rows_per_block(monkeypatch):
+    """The rule itself, on every backend: where the path exists on CPU,
+    `blocked=None` blocks a variable of at least 1/16 of
+    `total_elements`, `blocked=True` any eligible variable, and an
+    unknown total (before build, or a shape not fully known) applies no
+    share rule."""
+    monkeypatch.setattr(_sm3_blocked, "unavailable_reason", lambda *args: None)
+    monkeypatch.setattr(_sm3_blocked, "_on_accelerator", lambda: False)
+    shape = (2**10, 2**8)  # 2**18 elements, the smallest blocked size
+
+    def rows(blocked, total):
+        return _sm3_blocked.rows_per_block(shape, "II", blocked, None, 1, total)
+
+    assert rows(None, 16 * 2**18) is not None
+    assert rows(None, 16 * 2**18 + 1) is None
+    assert rows(True, 16 * 2**18 + 1) is not None
+    assert rows(None, None) is not None
+    assert rows(False, 2**18) is None
+    variables = [keras.Variable(np.zeros((4, 3), "float32")) for _ in range(2)]
+    assert _sm3_blocked.total_elements(variables) == 24
+
+    class Unknown:
+        shape = (None, 3)
+
+    assert _sm3_blocked.total_elements(variables + [Unknown()]) is None
+
+
 @pytest.mark.skipif(
     keras.backend.backend() != "jax",
     reason="JAX takes the path eagerly too, so `_rows_per_block` says it here",
 )
-def test_default_blocks_only_variables_with_a_sixteenth_of_the_parameters():
+def test_default_blocks_only_variables_with_a_sixteenth_of_the_parameters(
+    monkeypatch,
+):
     """`blocked=None` blocks a variable only where it holds at least
     `MIN_BLOCKED_SHARE` (1/16) of the parameters the optimizer was built
     for: each loop costs compile memory once (on the memory page's
@@ -700,6 +729,8 @@ def test_default_blocks_only_variables_with_a_sixteenth_of_the_parameters():
     whole-tensor temporary is a small part of the step's peak.
     `blocked=True` blocks every variable the path applies to."""
     assert _sm3_blocked.MIN_BLOCKED_SHARE == 1 / 16
+    # On GPU and TPU the default blocks nothing; the rule is that of CPU.
+    monkeypatch.setattr(_sm3_blocked, "_on_accelerator", lambda: False)
     # 2**22 and 2**18 elements: the small one holds 1/17 of the total.
     large, small = (2**14, 2**8), (2**10, 2**8)
     variables = [keras.Variable(np.zeros(shape, "float32")) for shape in (large, small)]
@@ -717,7 +748,9 @@ def test_default_blocks_only_variables_with_a_sixteenth_of_the_parameters():
     alone.build(variables[1:])
     assert alone._rows_per_block(variables[1]) is not None
     share = keras_soma.SM3()
-    share.build(variables[1:] + [keras.Variable(np.zeros((15 * 2**10, 2**8)))])
+    share.build(
+        variables[1:] + [keras.Variable(np.zeros((15 * 2**10, 2**8), "float32"))]
+    )
     assert share._rows_per_block(variables[1]) is not None
 
 
